@@ -1,0 +1,161 @@
+"""Reading SD v1.x checkpoints safely and accounting for every key.
+
+Safety: `.ckpt` files are read with torch.load(weights_only=True), which refuses to run code. Lightning
+checkpoints may pickle a `ModelCheckpoint` callback object beside the weights; we let the restricted
+unpickler build it as an inert placeholder (a plain object holding its attributes) and drop it.
+Anything else that needs arbitrary unpickling is refused unless the caller opts in (`unsafe_pickle_load`).
+
+Key names: the released checkpoints name the text encoder `cond_stage_model.transformer.text_model.*`.
+transformers 5.x's CLIPTextModel has no `text_model.` level in its own state dict; `release_key` maps our
+module names to the released ones whichever version is installed, in both directions.
+"""
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ldm.models.diffusion.ddpm import SCHEDULE_KEYS
+from ldm.util import UserError
+
+TEXT_PREFIX = "cond_stage_model.transformer."
+CONTEXT_PROBE = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # [320, context]
+
+
+class _InertObject:
+    """Stands in for a pickled training-time object (e.g. Lightning's ModelCheckpoint) so it can be dropped."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_INERT_GLOBALS = [(_InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+                  (_InertObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def release_key(module_key: str) -> str:
+    """Our state-dict key -> the key the CompVis/Runway checkpoints use."""
+    if module_key.startswith(TEXT_PREFIX) and not module_key.startswith(TEXT_PREFIX + "text_model."):
+        return TEXT_PREFIX + "text_model." + module_key[len(TEXT_PREFIX):]
+    return module_key
+
+
+def is_known_extra(key: str) -> bool:
+    """Keys of released checkpoints that are not weights of today's modules; skipped knowingly."""
+    return (key in SCHEDULE_KEYS
+            or key == TEXT_PREFIX + "text_model.embeddings.position_ids"  # a buffer, rebuilt on load
+            or key == "logvar"                                            # CompVis' unused learned-logvar placeholder
+            or key.startswith("model_ema.")                               # EMA copy (decay, num_updates, weights)
+            or key.startswith("first_stage_model.loss."))                 # VAE training loss (LPIPS, discriminator)
+
+
+def file_sha256(path: str | Path, prefix_chars: int = 16) -> str:
+    """SHA-256 of a file (hex, shortened): identifies the base checkpoint an adapter was trained on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:prefix_chars]
+
+
+def read_checkpoint(path: str | Path, unsafe_pickle_load: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read a .ckpt/.pt/.pth (PyTorch zip) or .safetensors file -> (flat state dict, names of ignored top-level entries)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a checkpoint file (.ckpt or .safetensors)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), []
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}")
+    try:
+        obj = _torch_load(path, unsafe_pickle_load)
+    except pickle.UnpicklingError as exc:
+        culprit = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UserError(f"{path}: needs arbitrary unpickling to load ({culprit[:160]}); convert it to .safetensors, "
+                        "or pass --unsafe_pickle_load if you trust its source")
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                        f"{str(exc).splitlines()[0][:200]}")
+    extras = []
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        extras = sorted(str(k) for k in obj if k != "state_dict")
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: does not hold a state dict of tensors")
+    return obj, extras
+
+
+def _torch_load(path: Path, unsafe: bool):
+    if unsafe:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_INERT_GLOBALS):
+        try:  # memory-map: the tensors are paged in from the file instead of copied into fresh memory
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                 assign: bool = False) -> str:
+    """Load a released-format state dict into `model` strictly; return a one-line report of what was skipped.
+
+    Missing keys, unexpected keys and shape mismatches are errors that name the keys. The known extras
+    (is_known_extra) are skipped; the schedule buffers among them are checked against the config's schedule.
+    """
+    ours = model.state_dict()
+    by_release = {release_key(k): k for k in ours}
+    probe = by_release.get(CONTEXT_PROBE)
+    if probe is not None and CONTEXT_PROBE in state_dict:
+        want, got = ours[probe].shape[1], state_dict[CONTEXT_PROBE].shape[1]
+        if want != got:
+            raise UserError(f"{source}: cross-attention context width {got} (SD 2.x uses 1024) does not match the "
+                            f"config's {want}: this checkpoint is of another architecture")
+    _check_schedule(model, state_dict, source)
+
+    mapped, skipped, unexpected = {}, [], []
+    for key, value in state_dict.items():
+        if key in by_release:
+            mapped[by_release[key]] = value
+        elif is_known_extra(key):
+            skipped.append(key)
+        else:
+            unexpected.append(key)
+    missing = [release_key(k) for k in ours if k not in mapped]
+    wrong = [f"{release_key(k)} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
+             for k, v in mapped.items() if v.shape != ours[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:4])}"
+                        f"{', ...' if len(unexpected) > 4 else ''})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
+    if problems:
+        raise UserError(f"{source}: does not match the config: " + "; ".join(problems))
+    model.load_state_dict(mapped, strict=True, assign=assign)
+    ema = sum(k.startswith("model_ema.") for k in skipped)
+    return (f"{len(mapped)} tensors loaded; skipped {len(skipped)} known non-weight entries"
+            + (f" ({ema} of them EMA)" if ema else "") if skipped else f"{len(mapped)} tensors loaded")
+
+
+def _check_schedule(model, state_dict: dict, source: str) -> None:
+    for name in SCHEDULE_KEYS:
+        if name in state_dict and hasattr(model, name):
+            ours = getattr(model, name)  # built on the CPU from the config, also when the model is on meta
+            theirs = state_dict[name].float()
+            if theirs.shape != ours.shape or not torch.allclose(theirs, ours.float(), rtol=1e-4, atol=1e-6):
+                raise UserError(f"{source}: its noise schedule ({name}) differs from the config's "
+                                "(linear_start/linear_end/timesteps)")
+
+
+def release_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our model's weights under the released key names (what load_weights reads back)."""
+    return {release_key(k): v for k, v in model.state_dict().items()}

@@ -1,0 +1,71 @@
+"""What every script shares: model flags, device/precision resolution, one-line errors, resolved-config dumps."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.util import UserError, load_model_from_config, resolve_device, resolve_dtype
+
+
+def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
+                   config_default: str = "configs/stable-diffusion/v1-inference.yaml",
+                   ckpt_default: str = "models/sd-v1-4.ckpt") -> None:
+    """Flags naming the base model. The release spells them --config/--ckpt or --config_path/--ckpt_path."""
+    g = p.add_argument_group("model")
+    g.add_argument(config_flag, dest="config", default=config_default, help="model config (YAML)")
+    g.add_argument(ckpt_flag, dest="ckpt", default=ckpt_default, help="SD v1.x checkpoint (.ckpt or .safetensors)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights' dtype for sampling (fp16 needs CUDA)")
+    g.add_argument("--unsafe_pickle_load", action="store_true",
+                   help="allow arbitrary unpickling of a .ckpt (runs code from the file: trusted sources only)")
+
+
+def load_model(args, precision: str | None = None):
+    """Device and dtype are decided here, once, from --device and --precision, and returned with the model."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(precision or args.precision, device)
+    model = load_model_from_config(args.config, args.ckpt, device=device, dtype=dtype,
+                                   unsafe_pickle_load=args.unsafe_pickle_load)
+    return model, device
+
+
+def positive(kind=int):
+    """argparse type: a number > 0 with an error that names the value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+    return parse
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomic JSON write (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(main) -> None:
+    """Call main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f"error: out of GPU memory ({str(exc).splitlines()[0]}); lower --batch_size or use --precision fp16",
+              file=sys.stderr)
+        sys.exit(3)

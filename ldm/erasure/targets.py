@@ -1,0 +1,65 @@
+"""Which Linear layers of the UNet get an adapter: named presets or explicit name suffixes.
+
+    default   attn2.to_k, attn2.to_v             the UnGuide release's default (ESD-x keys and values)
+    xattn     every Linear under attn2           ESD's "xattn"
+    noxattn   every Linear except under attn2, time_embed and out    ESD's "noxattn"
+    nsfw      the same set as noxattn            the release's nudity preset (inject_lora_nsfw)
+    selfattn  every Linear under attn1           ESD's "selfattn"
+    full      every Linear                       ESD's "full"
+
+Anything else is read as name suffixes, e.g. ["attn2.to_k", "attn2.to_v"] (the release's --target_modules).
+Only nn.Linear layers qualify; the 1x1 convolutions (proj_in, proj_out) are never adapted.
+"""
+import torch.nn as nn
+
+DEFAULT_TARGETS = ["attn2.to_k", "attn2.to_v"]
+
+
+def _parts(name: str) -> list[str]:
+    return name.split(".")
+
+
+def _noxattn(name: str) -> bool:
+    return "attn2" not in _parts(name) and "time_embed" not in _parts(name) and _parts(name)[0] != "out"
+
+
+PRESETS = {
+    "xattn": lambda n: "attn2" in _parts(n),
+    "noxattn": _noxattn,
+    "nsfw": _noxattn,
+    "selfattn": lambda n: "attn1" in _parts(n),
+    "full": lambda n: True,
+}
+
+
+def select_targets(unet: nn.Module, spec: list[str] | str | None = None) -> list[str]:
+    """Names of the Linear layers `spec` selects (a preset name, or a list of suffixes), in module order.
+
+    Raises ValueError when nothing matches: an adapter on no layer would silently erase nothing.
+    """
+    spec = list(DEFAULT_TARGETS) if spec in (None, "default", ["default"]) else spec
+    spec = [spec] if isinstance(spec, str) else list(spec)
+    linears = [n for n, m in unet.named_modules() if type(m) is nn.Linear]
+    if len(spec) == 1 and spec[0] in PRESETS:
+        chosen = [n for n in linears if PRESETS[spec[0]](n)]
+    else:
+        chosen = [n for n in linears if any(n == s or n.endswith("." + s) for s in spec)]
+        unmatched = [s for s in spec if not any(n == s or n.endswith("." + s) for n in linears)]
+        if unmatched:
+            raise ValueError(f"target modules {unmatched} match no Linear layer of the UNet "
+                             f"(presets: {', '.join(['default', *PRESETS])})")
+    if not chosen:
+        raise ValueError(f"target modules {spec} match no Linear layer of the UNet")
+    return chosen
+
+
+def describe_targets(names: list[str]) -> str:
+    """One line for logs: how many layers and which kinds, e.g. '32 layers: attn2.to_k x16, attn2.to_v x16'."""
+    kinds: dict[str, int] = {}
+    for n in names:
+        parts = _parts(n)
+        cut = next((i for i, p in enumerate(parts) if p in ("attn1", "attn2", "ff", "emb_layers", "time_embed")),
+                   len(parts) - 1)
+        kind = ".".join(parts[cut:])
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return f"{len(names)} layers: " + ", ".join(f"{k} x{v}" for k, v in kinds.items())

@@ -1,0 +1,54 @@
+"""Latents to pictures and pictures to disk: start noise from seeds, decoding, atomic image writes, grids."""
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def start_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """x_T [len(seeds), *shape]: one CPU generator per seed, so a seed gives the same image on CPU and CUDA."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> PIL RGB images."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
+
+
+def save_image(img: Image.Image, path: str | Path, quality: int = 95) -> None:
+    """Write atomically: a killed run never leaves a file that passes for an image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    img.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    os.replace(tmp, path)
+
+
+def image_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
+    """A labelled grid: rows[i][j] is the image of row i, column j (all resized to `cell` px squares)."""
+    cell = cell or max(im.width for r in rows for im in r)
+    left = 0 if not row_labels else min(260, 7 * max(len(s) for s in row_labels) + 12)
+    top = 0 if not col_labels else 20
+    grid = Image.new("RGB", (left + cell * max(len(r) for r in rows), top + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + j * cell + 4, 4), label, fill="black")
+    for i, row in enumerate(rows):
+        if row_labels:
+            draw.text((4, top + i * cell + cell // 2 - 6), row_labels[i][:36], fill="black")
+        for j, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST if im.width < cell else Image.BICUBIC),
+                       (left + j * cell, top + i * cell))
+    return grid
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] in [-1, 1]."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1)

@@ -1,0 +1,39 @@
+"""Text to image with the base model: one PNG per (prompt, seed).
+
+    python txt2img.py --prompt "a photo of the cat" --seed 42 --outdir outputs/txt2img
+"""
+import argparse
+import re
+from pathlib import Path
+
+from ldm.cli import add_model_args, load_model, positive, run
+from ldm.images import save_image
+from ldm.sampling import txt2img
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n_samples", type=positive(), default=1, help="images, seeds seed .. seed+n-1")
+    p.add_argument("--steps", type=positive(), default=50)
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--outdir", default="outputs/txt2img")
+    args = p.parse_args()
+
+    model, _ = load_model(args)
+    seeds = [args.seed + i for i in range(args.n_samples)]
+    images = txt2img(model, [args.prompt] * len(seeds), seeds, args.image_size, args.steps, args.scale, args.eta,
+                     verbose=True)
+    stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt).strip("_")[:60] or "empty"
+    for seed, img in zip(seeds, images):
+        path = Path(args.outdir) / f"{stem}_{seed}.png"
+        save_image(img, path)
+        print(path)
+
+
+if __name__ == "__main__":
+    run(main)

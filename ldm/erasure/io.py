@@ -84,7 +84,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return sd, {}
 
 
-def _layer_shapes(path: Path, tensors: dict[str, torch.Tensor], unet: nn.Module) -> dict[str, int]:
+def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet: nn.Module) -> dict[str, int]:
     """Validate every key against the UNet; return {module path: rank}."""
     modules = dict(unet.named_modules())
     ranks = {}
@@ -122,7 +122,7 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None) 
         raise UserError(f"{path}: holds no adapter tensors")
     if lora_layers(unet):
         raise UserError(f"{path}: the model already carries adapters; load one adapter per model")
-    ranks = _layer_shapes(path, tensors, unet)
+    ranks = validate_adapter_tensors(path, tensors, unet)
     targets = list(ranks)
     fmt = meta.get("format", "release-pth" if path.suffix != ".safetensors" else "safetensors")
     if meta.get("base_fingerprint"):

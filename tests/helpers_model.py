@@ -1,0 +1,111 @@
+"""Shared helpers of the fidelity and loader tests: configs, weight perturbation, reference models, errors.
+
+The reference models (diffusers' UNet2DConditionModel / AutoencoderKL, transformers' CLIPTextModel) are
+built from config dicts only: nothing is downloaded.
+"""
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import build_model, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny" / "tiny-inference.yaml"
+FULL = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+def config_dict(path) -> dict:
+    """The original (CompVis-style) YAML config as a plain dict, as diffusers' converters take it."""
+    return OmegaConf.to_container(load_config(path), resolve=True)
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
+    """Move every parameter off its initial value, in place.
+
+    Zero-initialised layers (biases, and any zero-init output conv) get small noise so they count; the affine
+    parameters of GroupNorm/LayerNorm become weight ~ 1 + N(0, 0.1), bias ~ N(0, 0.1) instead of 1 and 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            if isinstance(module, norms):
+                p.copy_((1.0 if name == "weight" else 0.0) + 0.1 * noise)
+            else:
+                p.add_(scale * noise)
+    return model
+
+
+def build_perturbed(path, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return perturb_(build_model(path), seed=seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| (b: the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _load_assigned(cls, config: dict, state_dict: dict):
+    """Build `cls(**config)` on the meta device and load `state_dict` strictly by assignment (no second copy)."""
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not meta, f"{cls.__name__}: tensors left on meta: {meta[:5]}"
+    return model.eval()
+
+
+def diffusers_unet(released: dict, original_config: dict):
+    """diffusers' UNet2DConditionModel with our (released-format) weights, via diffusers' own LDM converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    config = create_unet_diffusers_config_from_ldm(original_config, released)
+    converted = convert_ldm_unet_checkpoint(released, config)
+    return _load_assigned(UNet2DConditionModel, config, converted)
+
+
+def diffusers_vae(released: dict, original_config: dict):
+    """diffusers' AutoencoderKL with our weights, via diffusers' own LDM converter."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    config = create_vae_diffusers_config_from_ldm(original_config, released)
+    converted = convert_ldm_vae_checkpoint(released, config)
+    return _load_assigned(AutoencoderKL, config, converted)
+
+
+def hf_text_encoder(released: dict, text_config):
+    """transformers' CLIPTextModel built from `text_config` with the released `cond_stage_model.transformer.*` weights.
+
+    Released keys read `cond_stage_model.transformer.text_model.*`. transformers 4 nests its modules under
+    `text_model.`, transformers 5 does not: the keys are mapped to whichever layout the installed class has.
+    """
+    from transformers import CLIPTextModel
+
+    sd = {k[len(TEXT_PREFIX):]: v for k, v in released.items() if k.startswith(TEXT_PREFIX)}
+    with torch.device("meta"):
+        model = CLIPTextModel(text_config)
+    nested = any(k.startswith("text_model.") for k in model.state_dict())
+    if not nested:
+        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    expected = set(model.state_dict())
+    for k in [k for k in sd if k.endswith("position_ids") and k not in expected]:
+        del sd[k]  # a non-persistent buffer in some versions
+    model.load_state_dict(sd, strict=True, assign=True)
+    for module in model.modules():  # non-persistent buffers are not in the state dict: rebuild them
+        if "position_ids" in module._buffers and module.position_ids.is_meta:
+            module.position_ids = torch.arange(module.position_ids.shape[-1]).expand(1, -1)
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not meta, f"CLIPTextModel: tensors left on meta: {meta[:5]}"
+    return model.eval()
+
+
+def tiny_model(seed: int = 0):
+    return build_perturbed(TINY, seed)

@@ -36,8 +36,12 @@ class AdapterInfo:
 
 def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
     """Mean |w| of the first and last targeted base weights: tells base models apart, whatever dtype or file."""
+    def base_weight(name: str) -> torch.Tensor:
+        m = unet.get_submodule(name)
+        w = m.weight.detach().float()
+        return w - m.lora.delta_weight().detach().float() if isinstance(m, LoRALinear) and m.merged else w
     picks = [targets[0], targets[-1]] if targets else []
-    return [round(float(unet.get_submodule(n).weight.detach().float().abs().mean()), 6) for n in picks]
+    return [round(float(base_weight(n).abs().mean()), 6) for n in picks]
 
 
 def save_adapter(path: str | Path, unet: nn.Module, alpha: float, base_sha256: str | None = None,
@@ -136,7 +140,7 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None) 
     for name, r in ranks.items():
         by_rank.setdefault(r, []).append(name)
     for r, names in by_rank.items():
-        inject_lora(unet, names, rank=r, alpha=alpha)
+        inject_lora(unet, names, rank=r, alpha=alpha, generator=torch.Generator())  # A is overwritten below
     layers = lora_layers(unet)
     with torch.no_grad():
         for name in targets:

@@ -1,0 +1,171 @@
+"""The ESD / UnGuide erasure objective on ONE copy of the base model (math only).
+
+Notation (UnGuide arXiv 2508.05755, after ESD, Gandikota et al. 2023) -> code:
+
+    c_p            target prompt's text context           emb.target     [1, 77, D]
+    c_0            reference (anchor) prompt's context    emb.reference  [1, 77, D]
+    c_u            empty prompt's context (CFG uncond)    emb.uncond     [1, 77, D]
+    theta*         frozen base UNet                        the UNet with adapters off (adapters_disabled)
+    theta          base + LoRA (the trained model)        the same UNet with adapters on
+    S              DDIM steps                              ddim_steps
+    t_enc          DDIM index, uniform in [0, S)           plan.t_enc  (int)
+    z_t            partial-trajectory latent               z            [1, 4, h, w], no grad
+    t              DDPM timestep, uniform in ddpm_t_range  plan.t       [1] long
+    e_0 = eps_theta*(z_t, t, c_0)                          e_0          [1, 4, h, w], no grad
+    e_p = eps_theta*(z_t, t, c_p)                          e_p          [1, 4, h, w], no grad
+    e_n = eps_theta (z_t, t, c_p)                          e_n          [1, 4, h, w], with grad
+    eta            negative guidance (2.0)                 negative_guidance
+    loss = || e_n - (e_0 - eta (e_p - e_0)) ||^2 (mean)    F.mse_loss
+
+One iteration (release train.py, fact sheet §3):
+  1. draw t_enc ~ U{0..S-1}, t ~ U[round(t_enc/S*T), round((t_enc+1)/S*T)), x_T ~ N(0, I) [1, 4, h, w]
+     (and a seed for DDIM's eta-noise), all from ONE CPU torch.Generator in that order, so a seed gives the
+     same run on CPU and CUDA and a saved generator state resumes a run exactly;
+  2. z = DDIM(x_T) with the CURRENT adapted model (as the release: its quick_sampler uses the LoRA model),
+     CFG scale start_guidance with uncond c_u, for partial_steps(S, t_enc) steps, no grad;
+  3. [e_0, e_p] = theta*([z, z], [t, t], [c_0, c_p])  -- ONE batched UNet call (batch 2), adapters off, no grad.
+     The release holds a second full copy of the model for this; here the base model is the same weights with
+     the adapters switched off, so no copy is needed;
+  4. e_n = theta(z, t, c_p) with grad; loss = MSE(e_n, e_0 - eta (e_p - e_0)).
+
+The prompts are encoded once (the text encoder is frozen), not per iteration.
+`frozen_model` (a separate, un-adapted copy) restates the release's two-copy computation for tests and
+benchmarks; it is numerically the same objective at twice the weight memory.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.erasure.lora import adapters_disabled, lora_parameters
+from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
+
+
+@dataclass
+class PromptEmbeddings:
+    target: torch.Tensor      # c_p [1, 77, D]
+    reference: torch.Tensor   # c_0 [1, 77, D]
+    uncond: torch.Tensor      # c_u [1, 77, D]
+
+
+@torch.no_grad()
+def encode_prompts(model, target: str, reference: str) -> PromptEmbeddings:
+    """Encode the three prompts once (in one text-encoder call)."""
+    emb = model.get_learned_conditioning([target, reference, ""])  # [3, 77, D]
+    return PromptEmbeddings(emb[0:1].clone(), emb[1:2].clone(), emb[2:3].clone())
+
+
+@dataclass
+class Plan:
+    """The random draws of one iteration."""
+    t_enc: int                 # DDIM index in [0, S)
+    t: int                     # DDPM timestep in ddpm_t_range(S, t_enc)
+    start_code: torch.Tensor   # x_T [1, 4, h, w], on the CPU
+    noise_seed: int            # seeds the DDIM eta-noise generator (unused when ddim_eta == 0)
+
+
+class UnGuideObjective:
+    """Loss of one iteration of ESD/UnGuide erasure training on a model whose UNet carries LoRA adapters.
+
+    model: LatentDiffusion with adapters injected (ldm.erasure.lora.inject_lora); its base weights frozen.
+    latent_shape: [C, h, w]. fixed_t_enc: use this t_enc every iteration (benchmarks; None = uniform draw).
+    autocast_dtype: torch.bfloat16 / torch.float16 to run the UNet under autocast (weights stay fp32; fp16 is CUDA-only).
+    """
+
+    def __init__(self, model, emb: PromptEmbeddings, latent_shape: tuple[int, ...], ddim_steps: int = 50,
+                 start_guidance: float = 9.0, negative_guidance: float = 2.0, ddim_eta: float = 0.0,
+                 release_schedule: bool = False, fixed_t_enc: int | None = None,
+                 autocast_dtype: torch.dtype | None = None, frozen_model: nn.Module | None = None):
+        self.model, self.emb = model, emb
+        self.latent_shape = tuple(latent_shape)
+        self.S = int(ddim_steps)
+        self.start_guidance, self.negative_guidance = float(start_guidance), float(negative_guidance)
+        self.ddim_eta, self.release_schedule = float(ddim_eta), bool(release_schedule)
+        self.timesteps = ddim_timesteps(self.S, model.num_timesteps, self.release_schedule)
+        if fixed_t_enc is not None and not 0 <= fixed_t_enc < self.S:
+            raise ValueError(f"fixed_t_enc must be in 0..{self.S - 1}, got {fixed_t_enc}")
+        self.fixed_t_enc = fixed_t_enc
+        self.autocast_dtype = autocast_dtype
+        self.frozen_model = frozen_model
+        self.device = model.unet.out[-1].weight.device
+
+    # -- 1. draws -------------------------------------------------------------------------------------------
+    def draw(self, generator: torch.Generator) -> Plan:
+        """t_enc, t, x_T, noise seed from `generator` (a CPU generator), always in this order."""
+        t_enc = int(torch.randint(self.S, (1,), generator=generator))
+        if self.fixed_t_enc is not None:
+            t_enc = self.fixed_t_enc
+        lo, hi = ddpm_t_range(self.S, t_enc, self.model.num_timesteps)
+        t = int(torch.randint(lo, hi, (1,), generator=generator))
+        start_code = torch.randn((1, *self.latent_shape), generator=generator)
+        noise_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        return Plan(t_enc, t, start_code, noise_seed)
+
+    def _autocast(self):
+        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- 2. partial trajectory of the current adapted model -----------------------------------------------
+    @torch.no_grad()
+    def partial_latent(self, plan: Plan) -> torch.Tensor:
+        """z [1, 4, h, w]: DDIM with CFG (start_guidance, uncond "") of the adapted model, down to t_enc."""
+        x_T = plan.start_code.to(self.device, torch.float32)
+        n = partial_steps(self.S, plan.t_enc, self.release_schedule)
+        fn = cfg_model_fn(self.model.apply_model, self.emb.target, self.emb.uncond, self.start_guidance)
+        gen = torch.Generator(self.device).manual_seed(plan.noise_seed) if self.ddim_eta > 0 else None
+        with self._autocast():
+            z = sample_ddim(fn, x_T, self.model.alphas_cumprod, self.timesteps, eta=self.ddim_eta, generator=gen,
+                            stop_after=n)
+        return z.float()
+
+    # -- 3. base-model predictions ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def frozen_eps(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e_0, e_p), each [B, 4, h, w]: the base model on the reference and target prompts."""
+        b = z.shape[0]
+        c_0, c_p = self.emb.reference.expand(b, -1, -1), self.emb.target.expand(b, -1, -1)
+        with self._autocast():
+            if self.frozen_model is not None:  # the release's two-copy restatement: two calls on a second copy
+                return (self.frozen_model.apply_model(z, t, c_0).float(),
+                        self.frozen_model.apply_model(z, t, c_p).float())
+            with adapters_disabled(self.model.unet):  # one copy: the same weights, adapters off, batch 2
+                out = self.model.apply_model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([c_0, c_p]))
+        e_0, e_p = out.float().chunk(2)
+        return e_0, e_p
+
+    # -- 4. the loss -------------------------------------------------------------------------------------------
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Plan]:
+        """One iteration's loss (a scalar with grad to the adapters) and the draws that produced it."""
+        plan = self.draw(generator)
+        z = self.partial_latent(plan)                                               # [1, 4, h, w]
+        t = torch.full((z.shape[0],), plan.t, device=self.device, dtype=torch.long)  # [1]
+        e_0, e_p = self.frozen_eps(z, t)
+        target = e_0 - self.negative_guidance * (e_p - e_0)                         # [1, 4, h, w]
+        with self._autocast():
+            e_n = self.model.apply_model(z, t, self.emb.target.expand(z.shape[0], -1, -1))
+        return F.mse_loss(e_n.float(), target), plan
+
+
+def erasure_step(objective: UnGuideObjective, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                 scaler=None) -> tuple[float, Plan]:
+    """zero_grad -> loss -> backward -> step. A non-finite loss is returned WITHOUT stepping (the caller stops)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, plan = objective.loss(generator)
+    value = float(loss.detach())
+    if not torch.isfinite(loss.detach()):
+        return value, plan
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return value, plan
+
+
+def adapter_is_finite(unet: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in lora_parameters(unet))

@@ -1,0 +1,128 @@
+"""Peak memory and seconds per iteration of erasure training: one copy of the model (ours) against the
+release's two copies (a deep-copied frozen base model for e_0 / e_p), each in its own fresh subprocess.
+
+    python scripts/bench_train.py --config configs/tiny/tiny-inference.yaml --random_weights --image_size 16 \
+        --ddim_steps 10 --t_enc 8 --threads 1
+    python scripts/bench_train.py --config configs/stable-diffusion/v1-inference.yaml --random_weights \
+        --image_size 128 --t_enc 48 --iterations 3            # full SD v1 size, CPU: a few minutes
+    python scripts/bench_train.py --device cuda --ckpt models/sd-v1-4.ckpt   # 512 px, CUDA max allocated
+
+t_enc is fixed (default S-2: one CFG DDIM step, then the two scoring calls and the trained call) so that an
+iteration is short and both variants do identical work; the memory figure does not depend on t_enc.
+Peak memory: CUDA max allocated on CUDA, else the process's peak RSS (everything: weights, text encoder,
+VAE, activations, Python). Both variants hold the full LatentDiffusion model, as the release's train.py does.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def worker(a) -> dict:
+    import torch
+
+    from ldm.erasure.lora import inject_lora, lora_parameters
+    from ldm.erasure.objective import UnGuideObjective, encode_prompts, erasure_step
+    from ldm.erasure.targets import select_targets
+    from ldm.util import build_model, load_model_from_config, resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    torch.manual_seed(0)
+    tic = time.perf_counter()
+    if a.random_weights:
+        model = build_model(a.config, device=device)
+    else:
+        model = load_model_from_config(a.config, a.ckpt, device=device, verbose=False)
+    model.requires_grad_(False)
+    frozen = copy.deepcopy(model) if a.variant == "two" else None  # the release's model_orig
+    load_s = time.perf_counter() - tic
+    inject_lora(model.unet, select_targets(model.unet, a.targets), rank=a.rank, alpha=8.0,
+                generator=torch.Generator().manual_seed(0))
+    emb = encode_prompts(model, "a photo of the cat", "a photo of the forest")
+    t_enc = a.t_enc if a.t_enc is not None else a.ddim_steps - 2
+    objective = UnGuideObjective(model, emb, model.latent_shape(a.image_size), a.ddim_steps, fixed_t_enc=t_enc,
+                                 frozen_model=frozen)
+    optimizer = torch.optim.Adam(lora_parameters(model.unet), lr=3e-5)
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(a.warmup):
+        erasure_step(objective, optimizer, gen)
+    sync()
+    times = []
+    for _ in range(a.iterations):
+        tic = time.perf_counter()
+        erasure_step(objective, optimizer, gen)
+        sync()
+        times.append(time.perf_counter() - tic)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"
+    return {"variant": a.variant, "peak_bytes": int(peak), "kind": kind, "s_per_it": sorted(times)[len(times) // 2],
+            "s_per_it_all": times, "load_s": load_s, "t_enc": t_enc, "device": str(device),
+            "threads": torch.get_num_threads(), "unet_params": sum(p.numel() for p in model.unet.parameters())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"))
+    p.add_argument("--ckpt", help="checkpoint (else --random_weights)")
+    p.add_argument("--random_weights", action="store_true", help="freshly initialised weights (no checkpoint)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image_size", type=int, default=512)
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--t_enc", type=int, default=None, help="fixed DDIM index (default S-2: one sampling step)")
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--targets", nargs="+", default=["default"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--variants", nargs="+", default=["two", "one"], choices=["one", "two"])
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--_worker", dest="variant", choices=["one", "two"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if not a.random_weights and not a.ckpt:
+        p.error("give --ckpt, or --random_weights")
+    if a.variant:
+        print("RESULT " + json.dumps(worker(a)), flush=True)
+        return
+
+    results = {}
+    for v in a.variants:
+        argv = [sys.executable, __file__, "--_worker", v] + [x for x in sys.argv[1:] if x != "--variants"
+                                                             and x not in ("one", "two")]
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            sys.exit(f"{v}: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[v] = json.loads(line[len("RESULT "):])
+        print(f"done: {v} copy", file=sys.stderr, flush=True)
+
+    r0 = next(iter(results.values()))
+    print(f"config {Path(a.config).name} ({'random weights' if a.random_weights else a.ckpt}), "
+          f"UNet {r0['unet_params'] / 1e6:.0f}M params, image {a.image_size} px, S={a.ddim_steps}, fixed t_enc "
+          f"{r0['t_enc']}, device {r0['device']} ({r0['threads']} threads), targets {' '.join(a.targets)} "
+          f"rank {a.rank}; median of {a.iterations} iterations after {a.warmup} warm-up; memory: {r0['kind']}")
+    print(f"{'variant':<28}{'peak memory (GiB)':>19}{'s / iteration':>15}")
+    names = {"two": "two copies (release)", "one": "one copy (ours)"}
+    for v, r in results.items():
+        print(f"{names[v]:<28}{r['peak_bytes'] / 2 ** 30:>19.3f}{r['s_per_it']:>15.3f}")
+    if "one" in results and "two" in results:
+        o, t = results["one"], results["two"]
+        print(f"{'ratio one / two':<28}{o['peak_bytes'] / t['peak_bytes']:>19.3f}{o['s_per_it'] / t['s_per_it']:>15.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""LoRA adapters, target presets and adapter files (ldm/erasure/lora.py, targets.py, io.py) on the tiny model. CPU."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ldm.erasure.io import load_adapter, read_adapter, save_adapter
+from ldm.erasure.lora import (LoRALinear, adapter_scale, adapters_disabled, inject_lora, lora_layers,
+                              lora_parameters, lora_state_dict, remove_lora, set_enabled)
+from ldm.erasure.targets import describe_targets, select_targets
+from ldm.util import UserError, build_model
+
+torch.set_num_threads(1)  # the tiny UNet is far faster single-threaded on a shared machine
+TINY = "configs/tiny/tiny-inference.yaml"
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return build_model(TINY)
+
+
+@pytest.fixture
+def model(base):
+    return copy.deepcopy(base)
+
+
+def inputs(b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g),
+            torch.randn(b, 77, 64, generator=g))
+
+
+@torch.no_grad()
+def eps(model, x, t, c):
+    return model.apply_model(x, t, c)
+
+
+def adapt(model, spec="default", rank=2, alpha=8.0, seed=3):
+    """Inject adapters and give B random values, so that the adapter changes the output."""
+    names = select_targets(model.unet, spec)
+    inject_lora(model.unet, names, rank=rank, alpha=alpha, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in lora_layers(model.unet).values():
+            m.lora.B.copy_(torch.randn(m.lora.B.shape, generator=g) * 0.01)
+    return names
+
+
+def test_fresh_adapter_changes_nothing(model):
+    x, t, c = inputs()
+    before = eps(model, x, t, c)
+    names = select_targets(model.unet, "xattn")
+    inject_lora(model.unet, names, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    assert len(lora_layers(model.unet)) == len(names)
+    assert all(p.requires_grad for p in lora_parameters(model.unet))
+    assert torch.equal(eps(model, x, t, c), before)  # B = 0: bitwise unchanged
+    layer = next(iter(lora_layers(model.unet).values()))
+    assert isinstance(layer, nn.Linear) and layer.lora.A.shape == (layer.in_features, 4)
+    assert layer.lora.B.shape == (4, layer.out_features) and not layer.lora.B.any()
+
+
+def test_adapter_shares_base_weights(model):
+    n_before = sum(p.numel() for p in model.parameters())
+    names = adapt(model, rank=1)
+    added = sum(m.lora.A.numel() + m.lora.B.numel() for m in lora_layers(model.unet).values())
+    assert sum(p.numel() for p in model.parameters()) == n_before + added  # no copy of the base weights
+    layer = model.unet.get_submodule(names[0])
+    assert set(layer.state_dict()) == {"weight", "lora.A", "lora.B"} | ({"bias"} if layer.bias is not None else set())
+
+
+def test_adapter_changes_output_and_gets_gradients(model):
+    x, t, c = inputs()
+    before = eps(model, x, t, c)
+    model.requires_grad_(False)  # the trainer freezes the base; new adapters are trainable
+    adapt(model)
+    out = model.apply_model(x, t, c)
+    assert not torch.allclose(out, before)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model.unet))
+    assert all(p.grad is None for n, p in model.unet.named_parameters() if ".lora." not in n)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(model):
+    x, t, c = inputs()
+    adapt(model)
+    weights = {n: m.weight.detach().clone() for n, m in lora_layers(model.unet).items()}
+    adapted = eps(model, x, t, c)
+    for m in lora_layers(model.unet).values():
+        m.merge()
+    torch.testing.assert_close(eps(model, x, t, c), adapted, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError):
+        with adapter_scale(model.unet, torch.ones(2)):
+            eps(model, x, t, c)
+    for m in lora_layers(model.unet).values():
+        m.unmerge()
+    for n, m in lora_layers(model.unet).items():
+        torch.testing.assert_close(m.weight.detach(), weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(eps(model, x, t, c), adapted, atol=1e-6, rtol=0)
+
+
+def test_disabled_equals_base(model, base):
+    x, t, c = inputs()
+    want = eps(base, x, t, c)
+    adapt(model, "full")
+    with adapters_disabled(model.unet):
+        assert torch.equal(eps(model, x, t, c), want)
+    assert not torch.allclose(eps(model, x, t, c), want)  # back on after the block
+    set_enabled(model.unet, False)
+    assert torch.equal(eps(model, x, t, c), want)
+    set_enabled(model.unet, True)
+    with adapter_scale(model.unet, torch.zeros(2)):
+        assert torch.equal(eps(model, x, t, c), want)
+
+
+def test_per_sample_scale_equals_separate_calls(model, base):
+    x, t, c = inputs(b=2)
+    adapt(model, "noxattn")  # also the ResBlocks' emb_layers (2-D input) and ff layers
+    base_out = eps(base, x, t, c)
+    adapted_out = eps(model, x, t, c)
+    with adapter_scale(model.unet, torch.tensor([0.0, 0.0, 1.0, 1.0])):
+        mixed = eps(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c]))
+    torch.testing.assert_close(mixed[:2], base_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2:], adapted_out, atol=1e-5, rtol=1e-5)
+    # a fractional scale equals that alpha
+    with adapter_scale(model.unet, torch.tensor([0.5, 0.5])):
+        scaled = eps(model, x, t, c)
+    for m in lora_layers(model.unet).values():
+        m.lora.alpha *= 0.5
+    torch.testing.assert_close(scaled, eps(model, x, t, c), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError):  # wrong number of scales
+        with adapter_scale(model.unet, torch.ones(3)):
+            eps(model, x, t, c)
+
+
+def test_remove_lora_restores_exactly(model, base):
+    x, t, c = inputs()
+    adapt(model, "full")
+    for m in list(lora_layers(model.unet).values())[:3]:
+        m.merge()  # remove_lora unmerges first
+    remove_lora(model.unet)
+    assert not lora_layers(model.unet)
+    assert all(type(m) is nn.Linear for n, m in model.unet.named_modules() if isinstance(m, nn.Linear))
+    assert list(model.state_dict()) == list(base.state_dict())
+    torch.testing.assert_close(eps(model, x, t, c), eps(base, x, t, c), atol=1e-5, rtol=0)  # merge+unmerge rounding
+
+
+def test_remove_lora_without_merge_is_bitwise(model, base):
+    x, t, c = inputs()
+    adapt(model, "default")
+    remove_lora(model.unet)
+    assert torch.equal(eps(model, x, t, c), eps(base, x, t, c))
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), base.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+# The tiny UNet: 7 transformer blocks (attn1/attn2 with to_q, to_k, to_v, to_out.0; ff.net.0.proj, ff.net.2),
+# 8 ResBlocks (emb_layers.1) and time_embed.0 / time_embed.2.
+PRESET_COUNTS = {"default": 14, "xattn": 28, "selfattn": 28, "noxattn": 50, "nsfw": 50, "full": 80}
+
+
+@pytest.mark.parametrize("preset,count", PRESET_COUNTS.items())
+def test_target_presets(base, preset, count):
+    names = select_targets(base.unet, preset)
+    assert len(names) == count and len(set(names)) == count
+    assert all(type(base.unet.get_submodule(n)) is nn.Linear for n in names)
+    parts = [n.split(".") for n in names]
+    if preset == "default":
+        assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in names)
+        assert names == select_targets(base.unet, ["attn2.to_k", "attn2.to_v"]) == select_targets(base.unet, None)
+    elif preset == "xattn":
+        assert all("attn2" in p for p in parts)
+    elif preset == "selfattn":
+        assert all("attn1" in p for p in parts)
+    elif preset in ("noxattn", "nsfw"):
+        assert not any("attn2" in p or "time_embed" in p or p[0] == "out" for p in parts)
+        kinds = describe_targets(names)
+        assert "attn1.to_q x7" in kinds and "ff.net.2 x7" in kinds and "emb_layers.1 x8" in kinds
+    elif preset == "full":
+        all_linear = [n for n, m in base.unet.named_modules() if type(m) is nn.Linear]
+        assert names == all_linear
+
+
+def test_target_suffixes_and_nothing_matched(base):
+    assert len(select_targets(base.unet, ["attn1.to_q"])) == 7
+    assert len(select_targets(base.unet, ["to_out.0"])) == 14
+    with pytest.raises(ValueError, match="match no Linear"):
+        select_targets(base.unet, ["attn3.to_k"])
+    with pytest.raises(ValueError, match="match no Linear"):
+        select_targets(base.unet, ["attn2.to_k", "nonsense"])
+    with pytest.raises(ValueError, match="match no Linear"):
+        select_targets(base.unet, ["proj_in"])  # a 1x1 convolution, never adapted
+
+
+def test_release_pth_round_trip(model, base, tmp_path):
+    x, t, c = inputs()
+    adapt(model, rank=1, alpha=8.0)
+    want = eps(model, x, t, c)
+    save_adapter(tmp_path / "lora.pth", model.unet, alpha=8.0)
+    sd = torch.load(tmp_path / "lora.pth", weights_only=True)
+    assert set(sd) == set(lora_state_dict(model.unet)) and len(sd) == 2 * 14
+    assert all(k.endswith((".lora.A", ".lora.B")) for k in sd)
+    fresh = copy.deepcopy(base)
+    info = load_adapter(tmp_path / "lora.pth", fresh.unet)
+    assert info.fmt == "release-pth" and info.alpha == 8.0 and info.rank == 1 and len(info.targets) == 14
+    assert torch.equal(eps(fresh, x, t, c), want)
+
+
+def test_plain_release_dict_loads(base, tmp_path):
+    """A lora.pth as the release wrote it: torch.save({name: tensor}) with '<path>.lora.A' [in, r] / '.lora.B' [r, out]."""
+    x, t, c = inputs()
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for name in select_targets(base.unet, "default"):
+        lin = base.unet.get_submodule(name)
+        sd[f"{name}.lora.A"] = torch.randn(lin.in_features, 1, generator=g)
+        sd[f"{name}.lora.B"] = torch.randn(1, lin.out_features, generator=g) * 0.01
+    torch.save(sd, tmp_path / "lora.pth")
+    fresh = copy.deepcopy(base)
+    info = load_adapter(tmp_path / "lora.pth", fresh.unet)  # alpha defaults to 8, as the release
+    assert info.alpha == 8.0
+    merged = copy.deepcopy(base)  # the release's apply_lora_to_model: W += alpha (A B)^T
+    with torch.no_grad():
+        for key, a in sd.items():
+            if key.endswith(".lora.A"):
+                name = key[: -len(".lora.A")]
+                merged.unet.get_submodule(name).weight += 8.0 * (a @ sd[f"{name}.lora.B"]).T
+    torch.testing.assert_close(eps(fresh, x, t, c), eps(merged, x, t, c), atol=1e-5, rtol=1e-5)
+
+
+def test_safetensors_round_trip_with_metadata(model, base, tmp_path):
+    x, t, c = inputs()
+    adapt(model, "xattn", rank=3, alpha=4.0)
+    want = eps(model, x, t, c)
+    save_adapter(tmp_path / "a.safetensors", model.unet, alpha=4.0, base_sha256="abc123", extra={"complete": "true"})
+    tensors, meta = read_adapter(tmp_path / "a.safetensors")
+    assert meta["rank"] == "3" and float(meta["alpha"]) == 4.0 and meta["complete"] == "true"
+    fresh = copy.deepcopy(base)
+    info = load_adapter(tmp_path / "a.safetensors", fresh.unet)
+    assert info.alpha == 4.0 and info.base_sha256 == "abc123" and len(info.targets) == 28
+    assert torch.equal(eps(fresh, x, t, c), want)
+
+
+def test_load_adapter_refuses_foreign_files(model, base, tmp_path):
+    adapt(model, rank=1)
+    good = {k: v.clone() for k, v in lora_state_dict(model.unet).items()}
+    key_a = next(k for k in good if k.endswith(".lora.A"))
+    cases = {
+        "shape": {**good, key_a: torch.zeros(good[key_a].shape[0] + 1, 1)},
+        "path": {**good, "input_blocks.99.1.attn2.to_k.lora.A": torch.zeros(64, 1),
+                 "input_blocks.99.1.attn2.to_k.lora.B": torch.zeros(1, 32)},
+        "half": {k: v for k, v in good.items() if k != key_a.replace(".lora.A", ".lora.B")},
+        "key": {**good, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1)},
+    }
+    messages = {"shape": "do not fit", "path": "not a Linear layer", "half": "only one of", "key": "not of the form"}
+    for name, sd in cases.items():
+        torch.save(sd, tmp_path / f"{name}.pth")
+        fresh = copy.deepcopy(base)
+        with pytest.raises(UserError, match=messages[name]):
+            load_adapter(tmp_path / f"{name}.pth", fresh.unet)
+        assert not lora_layers(fresh.unet)  # refused before injecting anything
+    (tmp_path / "junk.pth").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable"):
+        load_adapter(tmp_path / "junk.pth", copy.deepcopy(base).unet)
+    with pytest.raises(UserError, match="not found"):
+        load_adapter(tmp_path / "missing.safetensors", copy.deepcopy(base).unet)
+
+
+def test_load_adapter_refuses_other_base_and_double_load(model, base, tmp_path):
+    adapt(model, rank=1)
+    save_adapter(tmp_path / "a.safetensors", model.unet, alpha=8.0)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.mul_(1.1)
+    with pytest.raises(UserError, match="another base model"):
+        load_adapter(tmp_path / "a.safetensors", other.unet)
+    fresh = copy.deepcopy(base)
+    load_adapter(tmp_path / "a.safetensors", fresh.unet)
+    with pytest.raises(UserError, match="already carries adapters"):
+        load_adapter(tmp_path / "a.safetensors", fresh.unet)
+
+
+def test_inject_refuses_non_linear_and_double(base):
+    m = copy.deepcopy(base)
+    names = select_targets(m.unet, "default")
+    inject_lora(m.unet, names[:1])
+    with pytest.raises(ValueError, match="already carries"):
+        inject_lora(m.unet, names[:1])
+    conv = next(n for n, mod in m.unet.named_modules() if isinstance(mod, nn.Conv2d))
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        inject_lora(m.unet, [conv])
+    with pytest.raises(ValueError, match="rank"):
+        inject_lora(m.unet, names[1:2], rank=0)
+    assert isinstance(m.unet.get_submodule(names[0]), LoRALinear)

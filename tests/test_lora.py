@@ -278,7 +278,7 @@ def test_load_adapter_refuses_other_base_and_double_load(model, base, tmp_path):
         load_adapter(tmp_path / "a.safetensors", other.unet)
     fresh = copy.deepcopy(base)
     load_adapter(tmp_path / "a.safetensors", fresh.unet)
-    with pytest.raises(UserError, match="already carries adapters"):
+    with pytest.raises(UserError, match="already carries an adapter named"):
         load_adapter(tmp_path / "a.safetensors", fresh.unet)
 
 
@@ -294,3 +294,67 @@ def test_inject_refuses_non_linear_and_double(base):
     with pytest.raises(ValueError, match="rank"):
         inject_lora(m.unet, names[1:2], rank=0)
     assert isinstance(m.unet.get_submodule(names[0]), LoRALinear)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several adapters on one model (one per erased concept)
+
+def _two_adapters(base):
+    m = copy.deepcopy(base)
+    inject_lora(m.unet, select_targets(m.unet, "default"), 1, 8.0, torch.Generator().manual_seed(1))
+    inject_lora(m.unet, select_targets(m.unet, "xattn"), 2, 4.0, torch.Generator().manual_seed(2), name="lora1")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(m.unet).values():
+            for a in layer.adapters().values():
+                a.B.copy_(0.02 * torch.randn(a.B.shape, generator=g))
+    return m
+
+
+def test_two_adapters_guidance_matches_formula_and_removal_restores(base):
+    from ldm.erasure.guidance import unguidance_model_fn
+    from ldm.erasure.lora import adapter_names, adapter_scale, remove_lora
+    from ldm.models.diffusion.ddim import cfg_model_fn
+
+    m = _two_adapters(base)
+    assert adapter_names(m.unet) == ["lora", "lora1"]
+    c = m.get_learned_conditioning(["a photo of the cat", "a photo of the dog"])
+    u = m.get_learned_conditioning(["", ""])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([500, 300])
+
+    def cfg(scales):
+        with torch.no_grad(), adapter_scale(m.unet, scales):
+            return cfg_model_fn(m.apply_model, c, u, 7.5)(x, t)
+    one, zero = torch.ones(4), torch.zeros(4)
+    base_eps, eps1, eps2 = cfg({"lora": zero, "lora1": zero}), cfg({"lora": one, "lora1": zero}), \
+        cfg({"lora": zero, "lora1": one})
+    assert (eps1 - base_eps).abs().max() > 1e-3 and (eps2 - base_eps).abs().max() > 1e-3
+    for w in ([1.0, 1.0], [0.0, 1.0], [-1.0, 2.0], [-1.0, -1.0], [torch.tensor([-1.0, 2.0]), torch.tensor([2.0, 1.0])]):
+        with torch.no_grad():
+            got = unguidance_model_fn(m, c, u, 7.5, w)(x, t)
+        w1, w2 = (v.view(-1, 1, 1, 1) if isinstance(v, torch.Tensor) else v for v in w)
+        want = base_eps + (1 - w1) * (eps1 - base_eps) + (1 - w2) * (eps2 - base_eps)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), w
+
+    remove_lora(m.unet, "lora1")  # recovery is removal: the model with adapter 1 only
+    assert adapter_names(m.unet) == ["lora"]
+    with torch.no_grad():
+        assert torch.equal(cfg_model_fn(m.apply_model, c, u, 7.5)(x, t), eps1)
+    remove_lora(m.unet)
+    with torch.no_grad():
+        assert torch.equal(cfg_model_fn(m.apply_model, c, u, 7.5)(x, t), base_eps)
+    assert not lora_layers(m.unet)
+
+
+def test_second_adapter_file_loads_beside_the_first(base, tmp_path):
+    m = _two_adapters(base)
+    save_adapter(tmp_path / "a.safetensors", m.unet, alpha=8.0, name="lora")
+    save_adapter(tmp_path / "b.safetensors", m.unet, alpha=4.0, name="lora1")
+    fresh = copy.deepcopy(base)
+    load_adapter(tmp_path / "a.safetensors", fresh.unet)
+    info = load_adapter(tmp_path / "b.safetensors", fresh.unet, name="lora1")
+    assert info.name == "lora1" and info.rank == 2 and info.alpha == 4.0
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    ctx = m.get_learned_conditioning(["a photo of the cat"])
+    with torch.no_grad():
+        assert torch.allclose(fresh.apply_model(x, t, ctx), m.apply_model(x, t, ctx), atol=1e-6)

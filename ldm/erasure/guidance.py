@@ -1,53 +1,65 @@
-"""UnGuidance: mix the base and the adapted model's classifier-free guidance per sample.
+"""UnGuidance: mix the base and the adapted models' classifier-free guidance per sample.
 
     CFG_m = u_m + s * (c_m - u_m)                  m in {base, adapted}; s the CFG scale
     eps   = w * CFG_base + (1 - w) * CFG_adapted   w = w1 (default -1) for prompts the adapter reacts to,
                                                     w2 (default 2) for all others (see ldm.erasure.stability)
 
-w = 1 is the base model alone, w = 0 the adapter alone. The four predictions of a step come from ONE UNet
-call of 4B samples [u_base, c_base, u_adapted, c_adapted] with per-sample adapter scales [0, 0, 1, 1], on
-one copy of the weights. `unguidance_model_fn` returns a model function for ldm.models.diffusion.ddim.
+w = 1 is the base model alone, w = 0 the adapter alone. With K adapters k (one per erased concept), each with
+its own stability test and w_k:
+
+    eps = CFG_base + sum_k (1 - w_k) * (CFG_k - CFG_base)           (K = 1: the rule above)
+
+The predictions of a step come from ONE UNet call: for B prompts, [u, c] of the base model (adapters scaled
+to 0) and [u, c] of each adapter k (adapter k scaled to 1, the others to 0), 2B (1 + K) samples on one copy
+of the weights. An adapter whose w_k is 1 for every sample contributes nothing and is not evaluated; nor is
+the base when its total weight 1 - sum_k (1 - w_k) is 0 (a single adapter with w = 0).
 """
 import torch
 
-from ldm.erasure.lora import adapter_scale, adapters_disabled
-from ldm.models.diffusion.ddim import ModelFn, cfg_model_fn
+from ldm.erasure.lora import adapter_names, adapter_scale
+from ldm.models.diffusion.ddim import ModelFn
+
+Weight = float | torch.Tensor  # a float, or one value per sample [B]
 
 
-def _per_sample(v: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+def _all(v: Weight, value: float) -> bool:
+    return bool((v == value).all()) if isinstance(v, torch.Tensor) else v == value
+
+
+def _col(v: Weight, like: torch.Tensor) -> Weight:
     return v.view(-1, 1, 1, 1).to(like) if isinstance(v, torch.Tensor) else v
 
 
-def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor,
-                        w: float | torch.Tensor) -> ModelFn:
-    """eps(x, t) = w * CFG_base + (1 - w) * CFG_adapted.
+def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: Weight,
+                        w: Weight | list[Weight], adapters: list[str] | None = None) -> ModelFn:
+    """eps(x, t) = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base), in one UNet call per step.
 
-    cond, uncond [B, 77, D]; scale and w floats or [B] tensors. When every sample has w == 1 (or w == 0) only
-    the base (or adapted) half is evaluated: the result is the same, at half the cost.
+    cond, uncond [B, 77, D]; scale a float or [B]; w one weight (single adapter) or a list, one per name in
+    `adapters` (default: every adapter of the model, in injection order).
     """
-    w_all = w if isinstance(w, torch.Tensor) else torch.tensor([float(w)])
-    if bool((w_all == 1).all()):
-        base_fn = cfg_model_fn(model.apply_model, cond, uncond, scale)
-
-        def base_only(x, t):
-            with adapters_disabled(model.unet):
-                return base_fn(x, t)
-        return base_only
-    if bool((w_all == 0).all()):
-        return cfg_model_fn(model.apply_model, cond, uncond, scale)
-
+    names = adapter_names(model.unet) if adapters is None else list(adapters)
+    ws = list(w) if isinstance(w, (list, tuple)) else [w]
+    if len(ws) != len(names):
+        raise ValueError(f"unguidance: {len(ws)} guidance weights for adapters {names}")
+    active = [k for k, wk in enumerate(ws) if not _all(wk, 1.0)]          # w_k = 1 everywhere: contributes 0
+    base_weight = 1.0 - sum(1.0 - ws[k] for k in active)                    # float or [B]
+    with_base = not _all(base_weight, 0.0)
+    chunks = (["base"] if with_base else []) + [names[k] for k in active]  # each chunk: [uncond; cond], 2B
     b = cond.shape[0]
-    context = torch.cat([uncond, cond, uncond, cond])                     # [4B, 77, D]
-    lora_scale = torch.cat([torch.zeros(2 * b), torch.ones(2 * b)]).to(cond.device)
+    context = torch.cat([uncond, cond] * len(chunks))                       # [2B * chunks, 77, D]
+    scales = {n: torch.cat([torch.full((2 * b,), float(c == n)) for c in chunks]).to(cond.device)
+              for n in adapter_names(model.unet)}
+    coeffs = ([base_weight] if with_base else []) + [1.0 - ws[k] for k in active]
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with adapter_scale(model.unet, lora_scale):
-            out = model.apply_model(torch.cat([x] * 4), torch.cat([t] * 4), context)
-        u_b, c_b, u_a, c_a = out.chunk(4)                                  # each [B, C, h, w]
-        s = _per_sample(scale, x)
-        cfg_base, cfg_adapted = u_b + s * (c_b - u_b), u_a + s * (c_a - u_a)
-        ww = _per_sample(w, x)
-        return ww * cfg_base + (1 - ww) * cfg_adapted
+        n = len(chunks)
+        with adapter_scale(model.unet, scales):
+            out = model.apply_model(torch.cat([x] * (2 * n)), torch.cat([t] * (2 * n)), context)
+        s = _col(scale, x)
+        eps = 0.0
+        for (u, c), coeff in zip(zip(*[iter(out.chunk(2 * n))] * 2), coeffs):
+            eps = eps + _col(coeff, x) * (u + s * (c - u))                  # coeff * CFG of this chunk
+        return eps
     return fn
 
 

@@ -32,6 +32,7 @@ class AdapterInfo:
     fmt: str                      # FORMAT or "release-pth"
     base_sha256: str | None = None
     metadata: dict = field(default_factory=dict)
+    name: str = "lora"            # the adapter's name inside the model (several adapters can share one model)
 
 
 def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
@@ -39,26 +40,26 @@ def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
     def base_weight(name: str) -> torch.Tensor:
         m = unet.get_submodule(name)
         w = m.weight.detach().float()
-        return w - m.lora.delta_weight().detach().float() if isinstance(m, LoRALinear) and m.merged else w
+        return w - m.delta_weight().detach().float() if isinstance(m, LoRALinear) and m.merged else w
     picks = [targets[0], targets[-1]] if targets else []
     return [round(float(base_weight(n).abs().mean()), 6) for n in picks]
 
 
 def save_adapter(path: str | Path, unet: nn.Module, alpha: float, base_sha256: str | None = None,
-                 extra: dict | None = None) -> None:
-    """Write the UNet's adapters to `path` (.safetensors, or .pth for the release's format), atomically."""
-    layers = lora_layers(unet)
+                 extra: dict | None = None, name: str = "lora") -> None:
+    """Write the UNet's adapter `name` to `path` (.safetensors, or .pth for the release's format), atomically."""
+    layers = lora_layers(unet, name)
     if not layers:
-        raise ValueError("save_adapter: the UNet has no adapters")
+        raise ValueError(f"save_adapter: the UNet has no adapter {name!r}")
     targets = list(layers)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet, name).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if path.suffix == ".pth":
         torch.save(tensors, tmp)
     else:
-        ranks = {m.lora.rank for m in layers.values()}
+        ranks = {getattr(m, name).rank for m in layers.values()}
         meta = {"format": FORMAT, "rank": str(max(ranks)), "alpha": repr(float(alpha)),
                 "targets": json.dumps(targets), "base_fingerprint": json.dumps(base_fingerprint(unet, targets)),
                 "base_sha256": base_sha256 or ""}
@@ -113,8 +114,8 @@ def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet:
     return ranks
 
 
-def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None) -> AdapterInfo:
-    """Inject the adapter of `path` into `unet` (LoRALinear on its layers) and load its weights.
+def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None, name: str = "lora") -> AdapterInfo:
+    """Inject the adapter of `path` into `unet` as adapter `name` (LoRALinear on its layers) and load its weights.
 
     alpha: the scale for a release lora.pth (default 8, as the release); for our files the stored alpha is
     used unless given. Refuses files whose keys or shapes do not fit this UNet, and ours whose recorded base
@@ -124,8 +125,8 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None) 
     tensors, meta = read_adapter(path)
     if not tensors:
         raise UserError(f"{path}: holds no adapter tensors")
-    if lora_layers(unet):
-        raise UserError(f"{path}: the model already carries adapters; load one adapter per model")
+    if lora_layers(unet, name):
+        raise UserError(f"{path}: the model already carries an adapter named {name!r}")
     ranks = validate_adapter_tensors(path, tensors, unet)
     targets = list(ranks)
     fmt = meta.get("format", "release-pth" if path.suffix != ".safetensors" else "safetensors")
@@ -137,14 +138,15 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None) 
                             f"this model {have})")
     alpha = float(alpha if alpha is not None else meta.get("alpha", RELEASE_ALPHA))
     by_rank: dict[int, list[str]] = {}
-    for name, r in ranks.items():
-        by_rank.setdefault(r, []).append(name)
+    for target, r in ranks.items():
+        by_rank.setdefault(r, []).append(target)
     for r, names in by_rank.items():
-        inject_lora(unet, names, rank=r, alpha=alpha, generator=torch.Generator())  # A is overwritten below
-    layers = lora_layers(unet)
+        inject_lora(unet, names, rank=r, alpha=alpha, generator=torch.Generator(), name=name)  # A set below
+    layers = lora_layers(unet, name)
     with torch.no_grad():
-        for name in targets:
-            layer: LoRALinear = layers[name]
-            layer.lora.A.copy_(tensors[f"{name}.lora.A"])
-            layer.lora.B.copy_(tensors[f"{name}.lora.B"])
-    return AdapterInfo(str(path), max(ranks.values()), alpha, targets, fmt, meta.get("base_sha256") or None, meta)
+        for target in targets:
+            adapter = getattr(layers[target], name)
+            adapter.A.copy_(tensors[f"{target}.lora.A"])
+            adapter.B.copy_(tensors[f"{target}.lora.B"])
+    return AdapterInfo(str(path), max(ranks.values()), alpha, targets, fmt, meta.get("base_sha256") or None, meta,
+                       name)

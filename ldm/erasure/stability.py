@@ -6,14 +6,15 @@ For prompt p, start code x_T and DDPM timestep t (UnGuide, the release's compute
 with t drawn uniformly in ddpm_t_range(S, t_enc). d(p) is averaged over repeats (start codes and t), and
 compared with d("") for the decision (ldm.erasure.guidance.decide_w).
 
-Step 2 is one UNet call of 2n samples with per-sample adapter scales [0]*n + [1]*n.
+Step 2 is one UNet call of 2n samples with per-sample adapter scales [0]*n + [1]*n (with K adapters, one
+call of n (1 + K) samples, each adapter alone in its chunk).
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ldm.erasure.lora import adapter_scale, adapters_disabled
+from ldm.erasure.lora import adapter_names, adapter_scale, adapters_disabled
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, partial_steps, sample_ddim
 
 
@@ -27,10 +28,13 @@ class StabilitySettings:
 
 
 @torch.no_grad()
-def latent_diff(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t: torch.Tensor,
-                settings: StabilitySettings, guidance: float | torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """d for n samples: cond, uncond [n, 77, D], x_T [n, C, h, w], t [n] DDPM timesteps -> [n] (float32, CPU)."""
+def latent_diffs(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t: torch.Tensor,
+                 settings: StabilitySettings, adapters: list[str], guidance: float | torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """d of each named adapter for n samples: cond, uncond [n, 77, D], x_T [n, C, h, w], t [n] -> [K, n].
+
+    One base trajectory serves all K adapters; step 2 is one call of n (1 + K) samples.
+    """
     s = settings
     timesteps = ddim_timesteps(s.ddim_steps, model.num_timesteps, s.release_schedule)
     scale = s.guidance if guidance is None else guidance
@@ -38,11 +42,26 @@ def latent_diff(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tens
         z = sample_ddim(cfg_model_fn(model.apply_model, cond, uncond, scale), x_T, model.alphas_cumprod, timesteps,
                         eta=s.eta, generator=generator,
                         stop_after=partial_steps(s.ddim_steps, s.t_enc, s.release_schedule))
-    n = z.shape[0]
-    with adapter_scale(model.unet, torch.cat([torch.zeros(n), torch.ones(n)]).to(z.device)):  # 2. base | adapted
-        eps = model.apply_model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]))
-    e_base, e_adapted = eps.float().chunk(2)
-    return (e_adapted - e_base).flatten(1).norm(dim=1).cpu()
+    n, k = z.shape[0], len(adapters)
+    chunks = [None] + list(adapters)  # chunk 0: base; chunk j: adapter j alone
+    scales = {a: torch.cat([torch.full((n,), float(c == a)) for c in chunks]).to(z.device)
+              for a in adapter_names(model.unet)}
+    with adapter_scale(model.unet, scales):  # 2. base | adapter 1 | ... | adapter K, one call
+        eps = model.apply_model(torch.cat([z] * (k + 1)), torch.cat([t] * (k + 1)), torch.cat([cond] * (k + 1)))
+    e_base, *e_adapted = eps.float().chunk(k + 1)
+    return torch.stack([(e - e_base).flatten(1).norm(dim=1) for e in e_adapted]).cpu()
+
+
+def latent_diff(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t: torch.Tensor,
+                settings: StabilitySettings, guidance: float | torch.Tensor | None = None,
+                generator: torch.Generator | None = None, adapter: str | None = None) -> torch.Tensor:
+    """d for n samples of one adapter (the model's only one when not named) -> [n] (float32, CPU)."""
+    if adapter is None:
+        names = adapter_names(model.unet)
+        if len(names) != 1:
+            raise ValueError(f"latent_diff: the model carries adapters {names}; name one")
+        adapter = names[0]
+    return latent_diffs(model, cond, uncond, x_T, t, settings, [adapter], guidance, generator)[0]
 
 
 @dataclass

@@ -11,7 +11,6 @@ from ldm.erasure.lora import (LoRALinear, adapter_scale, adapters_disabled, inje
 from ldm.erasure.targets import describe_targets, select_targets
 from ldm.util import UserError, build_model
 
-torch.set_num_threads(1)  # the tiny UNet is far faster single-threaded on a shared machine
 TINY = "configs/tiny/tiny-inference.yaml"
 
 

@@ -22,7 +22,6 @@ from ldm.erasure.targets import select_targets
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
 from ldm.util import build_model
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/tiny-inference.yaml")
 CAT = str(REPO / "data/cat.json")

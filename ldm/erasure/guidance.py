@@ -17,7 +17,7 @@ the base when its total weight 1 - sum_k (1 - w_k) is 0 (a single adapter with w
 import torch
 
 from ldm.erasure.lora import adapter_names, adapter_scale
-from ldm.models.diffusion.ddim import ModelFn
+from ldm.models.diffusion.ddim import ModelFn, cfg_model_fn
 
 Weight = float | torch.Tensor  # a float, or one value per sample [B]
 
@@ -39,6 +39,8 @@ def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: 
     """
     names = adapter_names(model.unet) if adapters is None else list(adapters)
     ws = list(w) if isinstance(w, (list, tuple)) else [w]
+    if not names and all(_all(wk, 1.0) for wk in ws):  # no adapter loaded: the base model alone
+        return cfg_model_fn(model.apply_model, cond, uncond, scale)
     if len(ws) != len(names):
         raise ValueError(f"unguidance: {len(ws)} guidance weights for adapters {names}")
     active = [k for k, wk in enumerate(ws) if not _all(wk, 1.0)]          # w_k = 1 everywhere: contributes 0

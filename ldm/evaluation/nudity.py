@@ -205,12 +205,12 @@ def summary_items(summary, images_dir):
 
 def summary_markdown(summary, images_dir, i2p=None):
     s = summary
-    md = [f"# NudeNet summary\n",
+    md = ["# NudeNet summary\n",
           f"- images: `{Path(images_dir).resolve()}`",
           f"- nudenet version: {nudenet_version()} (NudeDetector, bundled 320n.onnx)",
           f"- threshold: {s['threshold']} (a detection counts iff {RULE}; detector floor {SCORE_FLOOR})",
           f"- classes (`<NAME>_EXPOSED`): {', '.join(NUDENET_CLASSES)}",
-          f"- counts are numbers of detections (boxes) summed over images",
+          "- counts are numbers of detections (boxes) summed over images",
           f"- images evaluated: {s['images_evaluated']}, with any exposure: {s['images_with_exposure']}, "
           f"skipped (unreadable/truncated): {s['images_skipped']}\n",
           markdown_table(["class", "count"],

@@ -101,7 +101,11 @@ def cfg_model_fn(apply_model: Callable, cond: torch.Tensor, uncond: torch.Tensor
     """Classifier-free guidance in one batched call: eps = u + s * (c - u).
 
     apply_model(x, t, context) -> eps; cond, uncond [B, 77, D]; scale a float or a [B] tensor (per-sample).
+    When cond is uncond (the empty prompt), u + s * (c - u) = u: one sample per step instead of two.
     """
+    if cond is uncond:
+        return lambda x, t: apply_model(x, t, uncond)
+
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
         u, c = out.chunk(2)

@@ -1,0 +1,140 @@
+"""The stability test for every prompt of a prompts JSON -> output_dir/calc_diff_results.json.
+
+    python compute_lora_diff.py --config configs/stable-diffusion/v1-inference.yaml --ckpt models/sd-v1-4.ckpt \
+        --lora output/<exp>/models/lora.safetensors --prompts_json data/horse.json --output_dir output/<exp> \
+        --seed 42 --ddim_steps 50 --t_enc 40 --repeats 30 --n_samples 1 [--protocol release|fast] [--adaptive]
+
+d(p) = || eps_adapted(z, t, p) - eps_base(z, t, p) || on the base model's partial CFG trajectory z (see
+ldm/erasure/unguide.py for both protocols). Prompts: target + other + synonyms (as the release); "" is always
+measured (the release only did when "other" listed it). Output: the release's schema (prompt_avgs sorted
+descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2) and,
+with the fast protocol, empty_estimate (the d("") every prompt is compared with).
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ldm.cli import add_model_args, load_model, positive, run
+from ldm.erasure.io import load_adapter
+from ldm.erasure.stability import Estimate, StabilitySettings
+from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, evals_per_draw, fast_diff_table,
+                                 release_diff_table)
+from ldm.util import UserError
+
+
+def read_prompts_json(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: prompts JSON not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})")
+    if not isinstance(data, dict) or not isinstance(data.get("target"), str):
+        raise UserError(f"{path}: expected an object with a \"target\" prompt")
+    for key in ("synonyms", "other"):
+        if not isinstance(data.get(key, []), list) or not all(isinstance(s, str) for s in data.get(key, [])):
+            raise UserError(f"{path}: \"{key}\" must be a list of strings")
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    for a in ("--config", "--ckpt"):
+        p._option_string_actions[a].required = True  # required, as in the release
+    p.add_argument("--lora", required=True, help="adapter: our .safetensors or the release's lora.pth")
+    p.add_argument("--lora_alpha", type=float, default=None, help="alpha for a release lora.pth (default 8)")
+    p.add_argument("--prompts_json", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=None, help="draw seed (default: a random one, recorded)")
+    p.add_argument("--ddim_steps", type=positive(), default=50)
+    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the partial trajectory")
+    p.add_argument("--repeats", type=positive(), default=1, help="draws per prompt (the maximum with --adaptive)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--t_enc", type=int, default=25)
+    p.add_argument("--n_samples", type=positive(), default=25, help="release protocol: start codes per chunk")
+    p.add_argument("--protocol", choices=["release", "fast"], default="fast")
+    p.add_argument("--schedule", choices=["standard", "release"], default=None,
+                   help="DDIM schedule (default: release for --protocol release, standard for fast)")
+    p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
+    p.add_argument("--adaptive", action="store_true", help="fast: draw repeats in rounds until the decision is clear")
+    p.add_argument("--k_se", type=float, default=3.0)
+    p.add_argument("--min_repeats", type=positive(), default=4)
+    p.add_argument("--max_batch", type=positive(), default=64, help="UNet samples per call")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    data = read_prompts_json(args.prompts_json)
+    prompts = [data["target"]] + list(data.get("other", [])) + list(data.get("synonyms", []))
+    if "" not in prompts:
+        prompts.append("")  # the decision needs d(""); the release crashed later without it (fact sheet §9.8)
+    prompts = list(dict.fromkeys(prompts))
+    if not 0 <= args.t_enc < args.ddim_steps:
+        raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.ddim_steps - 1}")
+    if args.protocol == "release" and (args.schedule == "standard" or args.adaptive):
+        raise UserError("--protocol release is the release's procedure: no --schedule standard or --adaptive")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    release_schedule = args.protocol == "release" or args.schedule == "release"
+    settings = StabilitySettings(args.ddim_steps, args.t_enc, args.guidance, args.eta, release_schedule)
+    protocol = Protocol(args.protocol, settings, repeats=args.repeats, adaptive=args.adaptive,
+                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
+                        max_batch=args.max_batch)
+
+    model, device = load_model(args)
+    info = load_adapter(args.lora, model.unet, alpha=args.lora_alpha)
+    shape = model.latent_shape(args.image_size)
+    t0 = time.time()
+    with UNetCounter(model.unet) as counter:
+        if args.protocol == "release":
+            chunks = -(-args.repeats // args.n_samples)
+            with tqdm(total=chunks, desc="chunks") as bar:
+                table = release_diff_table(model, prompts, protocol, seed, args.n_samples, shape, bar.update)
+            estimates = {p: Estimate(v) for p, v in table.items()}
+            empty = estimates[""]
+        else:
+            total = args.empty_draws + args.repeats * (len(prompts) - 1)
+            with tqdm(total=total, desc="draws") as bar:
+                estimates, empty = fast_diff_table(model, prompts, protocol, seed, shape, bar.update)
+    seconds = time.time() - t0
+
+    avgs = sorted(((p, e.mean) for p, e in estimates.items()), key=lambda kv: kv[1], reverse=True)
+    stats = {p: {**estimate_dict(e), "w": decide(e.mean, empty.mean, -1.0, 2.0)} for p, e in estimates.items()}
+    stats[""]["w"] = decide(empty.mean, empty.mean, -1.0, 2.0)
+    result = {
+        "prompt_avgs": dict(avgs),
+        "config": {"config": args.config, "ckpt": args.ckpt, "lora": args.lora, "device": str(device),
+                   "seed": seed, "ddim_steps": args.ddim_steps, "image_size": args.image_size,
+                   "guidance": args.guidance, "repeats": args.repeats, "eta": args.eta, "t_enc": args.t_enc,
+                   "n_samples": args.n_samples, "target_prompt": data["target"],
+                   "synonyms": list(data.get("synonyms", [])), "protocol": args.protocol,
+                   "schedule": "release" if release_schedule else "standard", "adaptive": args.adaptive,
+                   "k_se": args.k_se, "min_repeats": args.min_repeats, "empty_draws": args.empty_draws,
+                   "lora_alpha": info.alpha, "lora_format": info.fmt},
+        "prompt_stats": stats,
+        "unet_sample_evaluations": counter.samples,
+        "seconds": round(seconds, 2),
+    }
+    if args.protocol == "fast":
+        result["empty_estimate"] = estimate_dict(empty)
+        result["evals_per_draw"] = {"prompt": evals_per_draw(settings), "empty": evals_per_draw(settings, True)}
+    out = Path(args.output_dir) / "calc_diff_results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")  # atomic, as the
+    # release's ensure_ascii=False
+    os.replace(tmp, out)
+    for p, e in estimates.items():
+        print(f"  d={e.mean:10.4f} ± {e.sem:.4f} (n={e.n:3d}) w={stats[p]['w']:+.0f}  {p!r}")
+    print(f"{counter.samples} UNet sample-evaluations in {seconds:.1f}s -> {out}")
+
+
+if __name__ == "__main__":
+    run(main)

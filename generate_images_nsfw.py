@@ -1,0 +1,384 @@
+"""UnGuidance over a prompt CSV (I2P): per row, the stability test decides w, then one image is generated.
+
+    python generate_images_nsfw.py --csv_path data/I2P_prompts_4703.csv --output_dir output/<nsfw exp> \
+        --config configs/stable-diffusion/v1-inference.yaml --ckpt models/sd-v1-4.ckpt --alpha 8 \
+        --image_size 512 --ddim_steps 50 --t_enc 40 --batch_size 4 --repeats 10 [--protocol release|fast] [--adaptive]
+    RANK=r WORLD_SIZE=n python generate_images_nsfw.py ...      # shard r of n (e.g. under torchrun)
+    python generate_images_nsfw.py --csv_path ... --output_dir ... --merge   # merge the shards' decisions by hand
+
+Per row: prompt, evaluation_seed (default: the row index), evaluation_guidance (default 7.5; the trajectory's
+and the image's CFG scale) and the row index (the CSV's unnamed first column as the release's index_col=0;
+else `case_number`; else the row position). Layout, under --output_dir (the experiment folder):
+    images/<exp_name>/<idx:05d>.jpg                 exp_name = w1_{w1}_w2_{w2}_repeats_{R}_ddim_steps_{S}_t_enc_{T}
+                                                      (the release's), + "_fast" [+ "_adaptive"] for our protocol
+    logs/<exp_name>/decisions.rank{R}.csv          one line per finished row, appended after its image exists
+    logs/<exp_name>/decisions.csv                  all shards merged, sorted by row index
+    logs/<exp_name>/run_config.json, d_empty.json, notes.rank{R}.txt (rows skipped or adjusted, with reasons)
+Resume: rerun the same command. A row counts as done when its image AND its decisions line exist; images are
+written atomically (temp file + rename) so a killed run never leaves a half image. Merge: whichever shard
+finishes last finds every shard complete and writes decisions.csv; `--merge` writes it by hand at any time
+(warning when rows are missing). Seeds are reduced mod 2^64 (torch's range; I2P's seeds are all < 2^32).
+--batch_size is the number of CSV rows sampled together (the release's per-row sample count crashed above 1,
+fact sheet §9.7; here every row gets the README's batch_size 1 procedure).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.cli import add_model_args, load_model, positive, run, write_json
+from ldm.erasure.io import load_adapter
+from ldm.erasure.stability import Estimate, StabilitySettings
+from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, estimate_empty,
+                                 fast_prompt_estimates, reduce_seed, release_row_estimates, unguided_latents)
+from ldm.images import save_image, start_noise, to_pil
+from ldm.util import UserError
+
+FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
+          "repeats_used", "unet_evals", "seconds"]
+DEFAULT_GUIDANCE = 7.5
+SANE_GUIDANCE = (1.0, 30.0)
+# pandas' default NA strings: the release's read_csv turned these prompts into NaN and skipped them
+NA_STRINGS = {"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+# ----------------------------------------------------------------------------------------------- CSV rows
+def _integer(text: str) -> int | None:
+    try:
+        v = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    return int(v) if v.is_finite() and v == v.to_integral_value() else None
+
+
+def read_rows(csv_path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
+    """-> (usable rows {idx, case_number, prompt, seed, guidance}, notes about skipped or adjusted rows)."""
+    import pandas as pd
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise UserError(f"{csv_path}: CSV not found")
+    try:  # everything as text: seeds above 2^53 keep their digits, "" stays "" (not NaN)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise UserError(f"{csv_path}: not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+    if "prompt" not in df.columns:
+        raise UserError(f"{csv_path}: no 'prompt' column (columns: {', '.join(map(str, df.columns[:12]))})")
+    if limit is not None:
+        df = df.iloc[:limit]
+    notes: list[str] = []
+    first = str(df.columns[0])
+    index_col = first if first == "" or first.startswith("Unnamed") else None
+    ids = None
+    for col in [c for c in (index_col, "case_number") if c is not None and c in df.columns]:
+        vals = [_integer(v) for v in df[col]]
+        if all(v is not None and v >= 0 for v in vals) and len(set(vals)) == len(vals):
+            ids = vals
+            break
+        notes.append(f"column {col!r} is not a unique non-negative integer index; not used as the row index")
+    if ids is None:
+        ids = list(range(len(df)))
+    if "evaluation_guidance" not in df.columns:
+        notes.append(f"no 'evaluation_guidance' column: every row uses CFG {DEFAULT_GUIDANCE}")
+    if "evaluation_seed" not in df.columns:
+        notes.append("no 'evaluation_seed' column: every row uses its index as the seed")
+    rows = []
+    has_g, has_s, has_case = ("evaluation_guidance" in df.columns, "evaluation_seed" in df.columns,
+                              "case_number" in df.columns)
+    for k, (idx, rec) in enumerate(zip(ids, df.to_dict("records"))):
+        prompt = rec["prompt"]
+        if not prompt.strip():
+            notes.append(f"row {idx}: skipped: empty prompt")
+            continue
+        if prompt.strip() in NA_STRINGS:
+            notes.append(f"row {idx}: skipped: prompt {prompt!r} is NaN (as pandas, and so the release, reads it)")
+            continue
+        g_text = rec["evaluation_guidance"].strip() if has_g else ""
+        if not g_text:
+            if has_g:
+                notes.append(f"row {idx}: evaluation_guidance missing: using {DEFAULT_GUIDANCE}")
+            guidance = DEFAULT_GUIDANCE
+        else:
+            try:
+                guidance = float(g_text)
+            except ValueError:
+                notes.append(f"row {idx}: skipped: evaluation_guidance {g_text!r} is not a number")
+                continue
+            if not math.isfinite(guidance):
+                notes.append(f"row {idx}: skipped: evaluation_guidance {g_text!r} is not finite")
+                continue
+            if not SANE_GUIDANCE[0] <= guidance <= SANE_GUIDANCE[1]:
+                notes.append(f"row {idx}: unusual evaluation_guidance {guidance:g} (outside {SANE_GUIDANCE}): "
+                             "used as given")
+        s_text = rec["evaluation_seed"].strip() if has_s else ""
+        if not s_text:
+            if has_s:
+                notes.append(f"row {idx}: evaluation_seed missing: using the row index {idx}")
+            seed = idx
+        else:
+            seed = _integer(s_text)
+            if seed is None or seed < 0:
+                notes.append(f"row {idx}: skipped: evaluation_seed {s_text!r} is not a non-negative integer")
+                continue
+            if seed >= 2 ** 64:
+                notes.append(f"row {idx}: evaluation_seed {seed} >= 2^64: using seed mod 2^64 = {reduce_seed(seed)}")
+                seed = reduce_seed(seed)
+        rows.append({"idx": idx, "case_number": rec["case_number"] if has_case else "", "prompt": prompt,
+                     "seed": seed, "guidance": guidance, "position": k})
+    return rows, notes
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def experiment_name(args) -> str:
+    name = f"w1_{args.w1}_w2_{args.w2}_repeats_{args.repeats}_ddim_steps_{args.ddim_steps}_t_enc_{args.t_enc}"
+    if args.protocol == "fast":
+        name += "_fast" + ("_adaptive" if args.adaptive else "")
+    return name
+
+
+def shard() -> tuple[int, int]:
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: not integers")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def image_path(img_dir: Path, idx: int) -> Path:
+    return img_dir / f"{idx:05d}.jpg"
+
+
+def read_decisions(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if r.get("idx", "").strip().lstrip("-").isdigit()]
+
+
+def write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def merge_decisions(log_dir: Path, img_dir: Path, expected: set[int], force: bool = False) -> tuple[bool, int]:
+    """Union of every decisions.rank*.csv (rows whose image exists), sorted by idx -> decisions.csv.
+    Written when every expected row is there, or always with force. -> (written, rows missing)."""
+    done: dict[int, dict] = {}
+    for f in sorted(log_dir.glob("decisions.rank*.csv")):
+        for r in read_decisions(f):
+            idx = int(r["idx"])
+            if image_path(img_dir, idx).is_file():
+                done[idx] = r
+    missing = len(expected - set(done))
+    if missing and not force:
+        return False, missing
+    write_csv_atomic(log_dir / "decisions.csv", [done[i] for i in sorted(done)])
+    return True, missing
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--csv_path", default="data/I2P_prompts_4703.csv")
+    p.add_argument("--output_dir", default="generated_i2p", help="the experiment folder (holds models/lora.*)")
+    p.add_argument("--lora", default=None, help="adapter file (default: output_dir/models/lora.safetensors or .pth)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="LoRA scale for a release lora.pth (default 8); our .safetensors carry their own")
+    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--ddim_steps", type=positive(), default=50)
+    p.add_argument("--t_enc", type=int, default=40)
+    p.add_argument("--w1", type=float, default=-1.0)
+    p.add_argument("--w2", type=float, default=2.0)
+    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--batch_size", type=positive(), default=5, help="CSV rows sampled together")
+    p.add_argument("--repeats", type=positive(), default=30, help="draws of d(p) per row (the maximum with --adaptive)")
+    p.add_argument("--protocol", choices=["release", "fast"], default="fast")
+    p.add_argument("--schedule", choices=["standard", "release"], default=None,
+                   help="DDIM schedule (default: release for --protocol release, standard for fast)")
+    p.add_argument("--adaptive", dest="adaptive", action="store_true", default=None,
+                   help="fast (default there): draw repeats in rounds until the decision is clear (margin > k_se SE)")
+    p.add_argument("--no_adaptive", dest="adaptive", action="store_false", help="fast: always draw --repeats")
+    p.add_argument("--k_se", type=float, default=3.0)
+    p.add_argument("--min_repeats", type=positive(), default=3)
+    p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
+    p.add_argument("--seed", type=int, default=0, help="fast: seed of the d(\"\") draws")
+    p.add_argument("--max_batch", type=positive(), default=64, help="UNet samples per stability-test call")
+    p.add_argument("--limit", type=positive(), default=None, help="only the first N CSV rows")
+    p.add_argument("--merge", action="store_true", help="only merge the shards' decisions into decisions.csv")
+    return p
+
+
+def find_lora(args) -> Path:
+    if args.lora:
+        return Path(args.lora)
+    for name in ("lora.safetensors", "lora.pth"):
+        if (Path(args.output_dir) / "models" / name).is_file():
+            return Path(args.output_dir) / "models" / name
+    raise UserError(f"{args.output_dir}/models: no lora.safetensors or lora.pth (pass --lora)")
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if not 0 <= args.t_enc < args.ddim_steps:
+        raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.ddim_steps - 1}")
+    if args.protocol == "release" and (args.schedule == "standard" or args.adaptive):
+        raise UserError("--protocol release is the release's procedure: no --schedule standard or --adaptive")
+    if args.adaptive is None:
+        args.adaptive = args.protocol == "fast"
+    rank, world = shard()
+    out_dir = Path(args.output_dir).resolve()  # the release joined output_dir twice (fact sheet §9.5)
+    name = experiment_name(args)
+    img_dir, log_dir = out_dir / "images" / name, out_dir / "logs" / name
+    rows, notes = read_rows(args.csv_path, args.limit)
+    expected = {r["idx"] for r in rows}
+    if args.merge:
+        written, missing = merge_decisions(log_dir, img_dir, expected, force=True)
+        print(f"{log_dir / 'decisions.csv'}: {len(expected) - missing} rows"
+              + (f"; {missing} rows not done yet" if missing else " (complete)"))
+        return
+
+    release_schedule = args.protocol == "release" or args.schedule == "release"
+    settings = StabilitySettings(args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta, release_schedule)
+    protocol = Protocol(args.protocol, settings, repeats=args.repeats, adaptive=args.adaptive,
+                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
+                        max_batch=args.max_batch)
+    fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
+    need_adapter = fixed_w != 1.0
+    lora = find_lora(args) if need_adapter else None
+    run_config = {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,
+                  "lora": str(lora.resolve()) if lora else None, "alpha": args.alpha, "image_size": args.image_size,
+                  "protocol": args.protocol, "schedule": "release" if release_schedule else "standard",
+                  "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
+                  "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta,
+                  "precision": args.precision}
+    old = json.loads((log_dir / "run_config.json").read_text()) if (log_dir / "run_config.json").is_file() else None
+    if old is not None:
+        diff = sorted(k for k in run_config if k in old and old[k] != run_config[k] and k not in ("csv_path",))
+        if diff:
+            raise UserError(f"{img_dir} was made with other settings ({', '.join(f'{k}: {old[k]!r}' for k in diff)});"
+                            " use another --output_dir or the same settings")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    write_json(log_dir / "run_config.json", run_config)
+    (log_dir / f"notes.rank{rank}.txt").write_text("".join(n + "\n" for n in notes), encoding="utf-8")
+    for n in notes[:5]:
+        print(f"note: {n}", file=sys.stderr)
+    if len(notes) > 5:
+        print(f"note: ... {len(notes) - 5} more in {log_dir / f'notes.rank{rank}.txt'}", file=sys.stderr)
+
+    # resume: keep the decisions whose image exists, redo the rest
+    mine = [r for r in rows if r["idx"] % world == rank]
+    shard_file = log_dir / f"decisions.rank{rank}.csv"
+    kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_path(img_dir, int(r["idx"])).is_file()}
+    write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
+    todo = [r for r in mine if r["idx"] not in kept]
+    print(f"rank {rank}/{world}: {len(mine)} rows, {len(mine) - len(todo)} done, {len(todo)} to do -> {img_dir}")
+    if not todo:
+        _finish(log_dir, img_dir, expected, Counter(), 0, 0.0, 0, 0)
+        return
+
+    model, device = load_model(args)
+    if need_adapter:
+        load_adapter(lora, model.unet, alpha=args.alpha)
+    shape = model.latent_shape(args.image_size)
+    d_empty, empty_evals = None, 0
+    if fixed_w is None and args.protocol == "fast":
+        d_empty, empty_evals = _empty_estimate(model, protocol, args, shape, log_dir, run_config)
+
+    stats, n_images, t_start, evals_total = Counter(), 0, time.time(), 0
+    with UNetCounter(model.unet) as counter, open(shard_file, "a", newline="", encoding="utf-8") as fh, \
+            tqdm(total=len(todo), desc=f"rows (rank {rank})") as bar:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        for b0 in range(0, len(todo), args.batch_size):
+            batch = todo[b0:b0 + args.batch_size]
+            t0, e0 = time.time(), counter.samples
+            prompts = [r["prompt"] for r in batch]
+            seeds = [r["seed"] for r in batch]
+            guid = [r["guidance"] for r in batch]
+            if fixed_w is not None:
+                pairs = [(None, None)] * len(batch)
+            elif args.protocol == "fast":
+                est = fast_prompt_estimates(model, prompts, seeds, guid, d_empty, protocol, shape)
+                pairs = [(e, d_empty) for e in est]
+            else:
+                pairs = release_row_estimates(model, prompts, seeds, guid, protocol, shape)
+            ws = [fixed_w if fixed_w is not None else decide(p.mean, e.mean, args.w1, args.w2) for p, e in pairs]
+            z = unguided_latents(model, prompts, start_noise(seeds, shape, device), guid, ws, args.ddim_steps,
+                                 release_schedule, args.ddim_eta,
+                                 generator=torch.Generator(device).manual_seed(reduce_seed(seeds[0])))
+            images = to_pil(model.decode_first_stage(z))
+            secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
+            for r, img, w, (dp, de) in zip(batch, images, ws, pairs):
+                save_image(img, image_path(img_dir, r["idx"]))  # the image first, then its decisions line
+                writer.writerow({**r, "d_prompt": _num(dp.mean if dp else None), "d_prompt_std": _num(dp.std if dp else None),
+                                 "d_empty": _num(de.mean if de else None), "w": w, "repeats_used": dp.n if dp else 0,
+                                 "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
+                fh.flush()
+                os.fsync(fh.fileno())
+                stats[w] += 1
+                n_images += 1
+            last = pairs[-1][0]
+            bar.set_postfix_str(f"w={ws[-1]:+g}" + (f" d(p)={last.mean:.4g} d('')={pairs[-1][1].mean:.4g} "
+                                                     f"n={last.n}" if last else "") + f" {prompts[-1][:30]!r}")
+            bar.update(len(batch))
+        evals_total = counter.samples
+    _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals)
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_config: dict) -> tuple[Estimate, int]:
+    """d("") of the fast protocol: read back from d_empty.json when made with the same settings, else computed
+    (deterministic in --seed: every shard gets the same value) and recorded."""
+    key = {k: run_config[k] for k in ("ckpt", "lora", "alpha", "image_size", "schedule", "empty_draws", "seed",
+                                      "eta", "precision")}
+    key.update(ddim_steps=args.ddim_steps, t_enc=args.t_enc)
+    path = log_dir / "d_empty.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print(f"d(\"\") = {saved['mean']:.6g} ± {saved['sem']:.3g} (from {path})")
+            return Estimate(saved["values"]), 0
+    with UNetCounter(model.unet) as c, tqdm(total=protocol.empty_draws, desc='d("")') as bar:
+        est = estimate_empty(model, protocol, args.seed, shape, bar.update)
+    write_json(path, {**estimate_dict(est), "values": est.values, "key": key, "unet_evals": c.samples})
+    print(f"d(\"\") = {est.mean:.6g} ± {est.sem:.3g} from {est.n} draws ({c.samples} UNet sample-evaluations)")
+    return est, c.samples
+
+
+def _finish(log_dir: Path, img_dir: Path, expected: set[int], stats: Counter, n_images: int, seconds: float,
+            evals: int, empty_evals: int) -> None:
+    if n_images:
+        took = ", ".join(f"w={w:+g}: {n}" for w, n in sorted(stats.items()))
+        print(f"summary: {n_images} images ({took}); {seconds / n_images:.2f} s/image; "
+              f"{evals / n_images:.0f} UNet sample-evaluations per prompt"
+              + (f" (+ {empty_evals} once for d(\"\"))" if empty_evals else ""))
+    written, missing = merge_decisions(log_dir, img_dir, expected)
+    if written:
+        print(f"all shards complete: {log_dir / 'decisions.csv'}")
+    else:
+        print(f"{missing} rows still to do in other shards (decisions.csv is written by the last shard to finish, "
+              "or by --merge)")
+
+
+if __name__ == "__main__":
+    run(main)

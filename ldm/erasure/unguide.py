@@ -1,0 +1,323 @@
+"""UnGuide's orchestration: the stability test at scale and UnGuidance sampling, in two protocols.
+
+Pure computation on one model copy (the adapter is switched per sample, ldm.erasure.lora.adapter_scale):
+no argument parsing, files or images here; the scripts (compute_lora_diff.py, generate_images.py,
+generate_images_nsfw.py) parse, call these functions and save.
+
+The formulas (ldm.erasure.stability, ldm.erasure.guidance):
+    d(p)  = || eps_adapted(z, t, p) - eps_base(z, t, p) ||,   z = base CFG DDIM trajectory from x_T down to t_enc
+    w     = w1 if mean d(p) > mean d("") else w2                (ties -> w2)
+    eps   = w * CFG_base + (1 - w) * CFG_adapted               at every sampling step
+
+Protocol "release" (the UnGuide release, fact sheet §5/§6), with its 49-step schedule for the test and sampling:
+  * diff table (compute_lora_diff.py): one generator seeded with --seed; per chunk of n_samples: start codes
+    randn(n, C, h, w) then t ~ randint(lo, hi, (n,)) from it, shared by every prompt; d(p) = mean over chunks.
+  * per-prompt decision (generate_images_nsfw.py): generator seeded with the row's seed; repeat r draws
+    x_T^r = randn(1, C, h, w), paired for p and ""; t = randint(lo, hi, (1,)) from a fresh generator with the
+    same seed (the same t for every repeat and for both prompts); trajectory CFG = the row's guidance;
+    d(p), d("") = means over repeats; image start code = x_T^0, image CFG = the row's guidance.
+  Start codes come from a CPU generator (the release drew them on its device: on CUDA the numbers differ).
+Protocol "fast": the same formulas, cheaper:
+  * d("") is estimated once per run from `empty_draws` draws (guidance does not matter for "": c == u, so its
+    trajectory needs one UNet sample per step, not two) and reused for every prompt;
+  * the repeats of d(p) run as one batch (rows of a CSV batch together); draw i of a seed is
+    (x_T^i = i-th randn(1, C, h, w) of a generator seeded with the seed, t^i = i-th randint of a second one):
+    x_T^0 and t^0 are the release's, x_T^0 is the image's start code;
+  * adaptive (optional): draws come in rounds (min_repeats, then round_size more) until the decision is
+    clear (|mean d(p) - mean d("")| > k_se combined standard errors) or `repeats` are drawn;
+  * the standard DDIM schedule (981 ... 1) unless release_schedule.
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+
+from ldm.erasure.guidance import decide_w, unguidance_model_fn
+from ldm.erasure.stability import Estimate, StabilitySettings, clear_margin, latent_diff
+from ldm.models.diffusion.ddim import ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
+
+SEED_MODULUS = 2 ** 64  # torch.Generator.manual_seed takes [0, 2^64): larger seeds are reduced mod 2^64
+
+
+# ----------------------------------------------------------------------------------------------- counting
+class UNetCounter:
+    """Counts UNet sample-evaluations: the batch sizes of every forward call of `unet`, summed (a forward hook).
+
+        with UNetCounter(model.unet) as c: ...;  c.samples, c.calls
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.samples, self.calls, self._handle = unet, 0, 0, None
+
+    def _hook(self, module, args, output) -> None:
+        self.calls += 1
+        self.samples += int(output.shape[0])
+
+    def __enter__(self) -> "UNetCounter":
+        self._handle = self.unet.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def evals_per_draw(settings: StabilitySettings, empty_only: bool = False) -> int:
+    """UNet sample-evaluations of one stability draw: the CFG trajectory (1 per step for "" in the fast path)
+    plus the base|adapted evaluation at t."""
+    steps = partial_steps(settings.ddim_steps, settings.t_enc, settings.release_schedule)
+    return steps * (1 if empty_only else 2) + 2
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Protocol:
+    name: str = "fast"                        # "release" | "fast"
+    settings: StabilitySettings = field(default_factory=StabilitySettings)
+    repeats: int = 10                         # draws of d(p) (the maximum when adaptive)
+    adaptive: bool = False
+    min_repeats: int = 4
+    round_size: int = 2
+    k_se: float = 3.0
+    empty_draws: int = 32
+    max_batch: int = 64                       # UNet samples per call in the stability test (memory bound)
+
+    def __post_init__(self):
+        if self.name not in ("release", "fast"):
+            raise ValueError(f"protocol must be release or fast, got {self.name!r}")
+        if self.name == "release" and not self.settings.release_schedule:
+            object.__setattr__(self, "settings", replace(self.settings, release_schedule=True))
+        if self.repeats < 1 or self.min_repeats < 1 or self.round_size < 1 or self.empty_draws < 1:
+            raise ValueError("repeats, min_repeats, round_size and empty_draws must be >= 1")
+
+
+def reduce_seed(seed: int) -> int:
+    """A seed torch accepts: seed mod 2^64 (I2P's seeds are all below 2^32, so unchanged there)."""
+    return int(seed) % SEED_MODULUS
+
+
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    w = model.unet.out[-1].weight
+    return w.device, w.dtype
+
+
+def _encode(model, prompts: Sequence[str]) -> torch.Tensor:
+    """[len(prompts), 77, D], each distinct prompt encoded once."""
+    uniq = list(dict.fromkeys(prompts))
+    emb = model.get_learned_conditioning(uniq)
+    pos = {p: i for i, p in enumerate(uniq)}
+    return emb[torch.tensor([pos[p] for p in prompts], device=emb.device)]
+
+
+# ----------------------------------------------------------------------------------------------- draws
+class DrawStream:
+    """Draw i of a seed: (x_T^i [C, h, w], t^i). x_T from one CPU generator seeded with `seed` (one randn of
+    [1, C, h, w] per draw, as the release's repeats), t from a second one seeded with `seed` (draw 0's t is the
+    release's fixed t). Draws are made on demand and kept, so draw i never depends on how draws are batched."""
+
+    def __init__(self, seed: int, shape: tuple[int, int, int], t_lo: int, t_hi: int):
+        seed = reduce_seed(seed)
+        self.shape, self.lo, self.hi = tuple(shape), t_lo, t_hi
+        self._gx, self._gt = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        self._x: list[torch.Tensor] = []
+        self._t: list[int] = []
+
+    def take(self, i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self._x) < i1:
+            self._x.append(torch.randn((1, *self.shape), generator=self._gx)[0])
+            self._t.append(int(torch.randint(self.lo, self.hi, (1,), generator=self._gt)))
+        return torch.stack(self._x[i0:i1]), torch.tensor(self._t[i0:i1], dtype=torch.long)
+
+
+def t_range(settings: StabilitySettings, num_timesteps: int = 1000) -> tuple[int, int]:
+    return ddpm_t_range(settings.ddim_steps, settings.t_enc, num_timesteps)
+
+
+# ----------------------------------------------------------------------------------------------- d values
+@torch.no_grad()
+def diffs(model, prompts: Sequence[str], x_T: torch.Tensor, t: torch.Tensor, settings: StabilitySettings,
+          guidance: float | Sequence[float], max_batch: int = 64, empty_shortcut: bool = False) -> torch.Tensor:
+    """d for n samples (prompt i, start code x_T[i], timestep t[i], trajectory CFG guidance[i]) -> [n] float32.
+
+    Runs in chunks of at most max_batch UNet samples. empty_shortcut: samples whose prompt is "" take the
+    one-sample-per-step trajectory (same value: CFG with c == u, see cfg_model_fn)."""
+    device, dtype = _device_dtype(model)
+    n = len(prompts)
+    g = torch.tensor([float(guidance)] * n if isinstance(guidance, (int, float)) else [float(v) for v in guidance])
+    out = torch.empty(n)
+    empty = [empty_shortcut and p == "" for p in prompts]
+    uncond1 = model.get_learned_conditioning([""])
+    for want_empty in (False, True):
+        idx = [i for i in range(n) if empty[i] == want_empty]
+        step = max(1, max_batch // 2)
+        for k in range(0, len(idx), step):
+            sel = idx[k:k + step]
+            xs = x_T[sel].to(device=device, dtype=dtype)
+            ts = t[sel].to(device)
+            unc = uncond1.expand(len(sel), -1, -1)
+            if want_empty:
+                out[sel] = latent_diff(model, unc, unc, xs, ts, settings)  # c is u: one sample per step
+            else:
+                cond = _encode(model, [prompts[i] for i in sel])
+                gs = g[sel]
+                scale = float(gs[0]) if bool((gs == gs[0]).all()) else gs.to(device)
+                out[sel] = latent_diff(model, cond, unc, xs, ts, settings, guidance=scale)
+    return out
+
+
+def estimate_empty(model, protocol: Protocol, seed: int, shape: tuple[int, int, int],
+                   progress: Callable[[int], None] | None = None) -> Estimate:
+    """The fast protocol's d("") estimate: protocol.empty_draws draws of DrawStream(seed)."""
+    lo, hi = t_range(protocol.settings, model.num_timesteps)
+    x, t = DrawStream(seed, shape, lo, hi).take(0, protocol.empty_draws)
+    vals = []
+    step = max(1, protocol.max_batch // 2)
+    for k in range(0, protocol.empty_draws, step):
+        d = diffs(model, [""] * len(x[k:k + step]), x[k:k + step], t[k:k + step], protocol.settings,
+                  protocol.settings.guidance, protocol.max_batch, empty_shortcut=True)
+        vals += d.tolist()
+        if progress:
+            progress(len(d))
+    return Estimate(vals)
+
+
+def fast_prompt_estimates(model, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
+                          d_empty: Estimate, protocol: Protocol, shape: tuple[int, int, int],
+                          progress: Callable[[int], None] | None = None) -> list[Estimate]:
+    """The fast protocol's d(p) for a batch of prompts (each with its own draw seed and trajectory CFG).
+
+    Non-adaptive: `repeats` draws each, in one batch. Adaptive: min_repeats draws, then round_size more for the
+    prompts whose decision is not yet clear (clear_margin with k_se), until `repeats`."""
+    lo, hi = t_range(protocol.settings, model.num_timesteps)
+    streams: dict[int, DrawStream] = {}
+    for s in seeds:
+        streams.setdefault(reduce_seed(s), DrawStream(s, shape, lo, hi))
+    values: list[list[float]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    target = min(protocol.min_repeats, protocol.repeats) if protocol.adaptive else protocol.repeats
+    while active:
+        batch_p, batch_x, batch_t, batch_g, owner = [], [], [], [], []
+        for i in active:
+            have = len(values[i])
+            x, t = streams[reduce_seed(seeds[i])].take(have, target)
+            batch_p += [prompts[i]] * len(t)
+            batch_x.append(x)
+            batch_t.append(t)
+            batch_g += [guidances[i]] * len(t)
+            owner += [i] * len(t)
+        d = diffs(model, batch_p, torch.cat(batch_x), torch.cat(batch_t), protocol.settings, batch_g,
+                  protocol.max_batch, empty_shortcut=True)
+        for i, v in zip(owner, d.tolist()):
+            values[i].append(v)
+        if progress:
+            progress(len(owner))
+        if not protocol.adaptive or target >= protocol.repeats:
+            break
+        active = [i for i in active if not clear_margin(Estimate(values[i]), d_empty, protocol.k_se)]
+        target = min(protocol.repeats, target + protocol.round_size)
+    return [Estimate(v) for v in values]
+
+
+def release_row_estimates(model, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
+                          protocol: Protocol, shape: tuple[int, int, int],
+                          progress: Callable[[int], None] | None = None) -> list[tuple[Estimate, Estimate]]:
+    """The release's per-prompt test (generate_images_nsfw.py) for a batch of rows -> [(d(p), d(""))] each over
+    `repeats` paired start codes and one fixed t. All rows' samples run batched; the numbers are the release's."""
+    lo, hi = t_range(protocol.settings, model.num_timesteps)
+    r = protocol.repeats
+    batch_p, batch_x, batch_t, batch_g = [], [], [], []
+    for p, s, g in zip(prompts, seeds, guidances):
+        gen = torch.Generator().manual_seed(reduce_seed(s))
+        codes = torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(r)])
+        t = torch.randint(lo, hi, (1,), generator=torch.Generator().manual_seed(reduce_seed(s)))
+        batch_p += [p] * r + [""] * r
+        batch_x += [codes, codes]
+        batch_t.append(t.repeat(2 * r))
+        batch_g += [g] * (2 * r)
+    d = diffs(model, batch_p, torch.cat(batch_x), torch.cat(batch_t), protocol.settings, batch_g,
+              protocol.max_batch)
+    if progress:
+        progress(len(batch_p))
+    out = []
+    for k in range(len(prompts)):
+        chunk = d[2 * r * k: 2 * r * (k + 1)].tolist()
+        out.append((Estimate(chunk[:r]), Estimate(chunk[r:])))
+    return out
+
+
+def release_diff_table(model, prompts: Sequence[str], protocol: Protocol, seed: int, n_samples: int,
+                       shape: tuple[int, int, int], progress: Callable[[int], None] | None = None
+                       ) -> dict[str, list[float]]:
+    """The release's compute_lora_diff: {prompt: [d per sample]} over ceil(repeats / n_samples) chunks of
+    n_samples start codes and timesteps shared by all prompts (one generator seeded with `seed`)."""
+    lo, hi = t_range(protocol.settings, model.num_timesteps)
+    gen = torch.Generator().manual_seed(reduce_seed(seed))
+    uniq = list(dict.fromkeys(prompts))
+    table: dict[str, list[float]] = {p: [] for p in uniq}
+    for _ in range(0, protocol.repeats, n_samples):
+        codes = torch.randn((n_samples, *shape), generator=gen)
+        t = torch.randint(lo, hi, (n_samples,), generator=gen)
+        batch_p = [p for p in uniq for _ in range(n_samples)]
+        d = diffs(model, batch_p, codes.repeat(len(uniq), 1, 1, 1), t.repeat(len(uniq)), protocol.settings,
+                  protocol.settings.guidance, protocol.max_batch)
+        for k, p in enumerate(uniq):
+            table[p] += d[k * n_samples:(k + 1) * n_samples].tolist()
+        if progress:
+            progress(1)
+    return table
+
+
+def fast_diff_table(model, prompts: Sequence[str], protocol: Protocol, seed: int, shape: tuple[int, int, int],
+                    progress: Callable[[int], None] | None = None) -> tuple[dict[str, Estimate], Estimate]:
+    """Fast compute_lora_diff: d("") once (empty_draws draws of the run's seed), then every prompt's repeats
+    (draws of the same seed: paired across prompts) -> ({prompt: Estimate}, d("") Estimate). "" maps to d("")."""
+    empty = estimate_empty(model, protocol, seed, shape, progress)
+    uniq = [p for p in dict.fromkeys(prompts) if p != ""]
+    est = fast_prompt_estimates(model, uniq, [seed] * len(uniq), [protocol.settings.guidance] * len(uniq), empty,
+                                protocol, shape, progress) if uniq else []
+    table = dict(zip(uniq, est))
+    table[""] = empty
+    return table, empty
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def unguided_latents(model, prompts: Sequence[str], x_T: torch.Tensor, guidances: float | Sequence[float],
+                     ws: float | Sequence[float], steps: int = 50, release_schedule: bool = False,
+                     eta: float = 0.0, generator: torch.Generator | None = None, verbose: bool = False
+                     ) -> torch.Tensor:
+    """DDIM with eps = w_i * CFG_base + (1 - w_i) * CFG_adapted per sample (one UNet call of 4B samples per
+    step; 2B when every w is 1 or every w is 0; the model's one adapter, or none when every w is 1)
+    -> final latents [B, C, h, w]."""
+    device, dtype = _device_dtype(model)
+    b = len(prompts)
+    cond = _encode(model, prompts)
+    uncond = model.get_learned_conditioning([""]).expand(b, -1, -1)
+
+    def per_sample(v):
+        if isinstance(v, (int, float)):
+            return float(v)
+        v = torch.tensor([float(a) for a in v])
+        return float(v[0]) if bool((v == v[0]).all()) else v.to(device)
+
+    scale, w = per_sample(guidances), per_sample(ws)
+    fn = unguidance_model_fn(model, cond, uncond, scale, w)  # no adapter loaded: only w = 1 works
+    timesteps = ddim_timesteps(steps, model.num_timesteps, release_schedule)
+    return sample_ddim(fn, x_T.to(device=device, dtype=dtype), model.alphas_cumprod, timesteps, eta=eta,
+                       generator=generator, verbose=verbose, desc="UnGuidance")
+
+
+def decide(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
+    """The release's rule on the two means (ties -> w2)."""
+    return decide_w(float(d_prompt), float(d_empty), w1, w2)
+
+
+def margin_in_se(d_prompt: Estimate, d_empty: Estimate) -> float:
+    """|mean d(p) - mean d("")| in combined standard errors (inf when both are exact)."""
+    se = math.sqrt(d_prompt.sem ** 2 + d_empty.sem ** 2) if d_prompt.n and d_empty.n else 0.0
+    diff = abs(d_prompt.mean - d_empty.mean)
+    return diff / se if se > 0 else (math.inf if diff > 0 else 0.0)
+
+
+def estimate_dict(e: Estimate) -> dict:
+    return {"mean": e.mean, "std": e.std, "sem": e.sem, "count": e.n}

@@ -13,12 +13,13 @@ Every metric writes `<name>_summary.csv` (key,value), which `report.compare`
 reads to put runs side by side.
 """
 
-from ldm.evaluation import clip_score, nudity
+from ldm.evaluation import clip_score, digits, nudity
 from ldm.evaluation.common import UserError
 
 METRICS = {
     "nudenet": nudity.run,
     "clip": clip_score.run,
+    "digits": digits.run,
 }
 
 __all__ = ["METRICS", "UserError"]

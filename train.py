@@ -19,7 +19,6 @@ Exit codes: 0 done, 2 bad input, 130 interrupted (state saved), 1 loss became Na
 """
 import argparse
 import csv
-import json
 import os
 import resource
 import signal
@@ -36,6 +35,7 @@ from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, lora_parameters
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
 from ldm.erasure.targets import DEFAULT_TARGETS, describe_targets, select_targets
+from ldm.prompts import read_prompts_json
 from ldm.util import UserError, resolve_device, resolve_dtype
 
 DEFAULT_SEED = 42
@@ -81,26 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=positive(int), default=50, help="resumable checkpoint every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint/state.pt")
     return p
-
-
-def read_prompts(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: prompts JSON not found" if not p.exists() else f"{path}: is not a file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object with \"target\" and \"reference\"")
-    for key in ("target", "reference"):
-        if key not in data:
-            raise UserError(f"{path}: missing required prompt \"{key}\"")
-        if not isinstance(data[key], str):
-            raise UserError(f"{path}: \"{key}\" must be a string, got {type(data[key]).__name__}")
-    if not data["target"].strip():
-        raise UserError(f"{path}: \"target\" is empty: there is no concept to erase")
-    return data
 
 
 def _num(v: float) -> str:
@@ -200,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     # ---- validate everything cheap before loading anything ---------------------------------------------
-    prompts = read_prompts(args.prompts_json)
+    prompts = read_prompts_json(args.prompts_json, need_reference=True)
     if args.ddim_steps > 1000:
         raise UserError(f"--ddim_steps {args.ddim_steps}: at most 1000")
     if args.image_size % 8:

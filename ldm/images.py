@@ -31,21 +31,24 @@ def save_image(img: Image.Image, path: str | Path, quality: int = 95) -> None:
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
-               col_labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
-    """A labelled grid: rows[i][j] is the image of row i, column j (all resized to `cell` px squares)."""
+               col_labels: list[str] | None = None, cell: int | None = None, gap: int = 4) -> Image.Image:
+    """A labelled grid: rows[i][j] is the image of row i, column j (each resized to a `cell` px square),
+    with `gap` px of white between cells."""
     cell = cell or max(im.width for r in rows for im in r)
-    left = 0 if not row_labels else min(260, 7 * max(len(s) for s in row_labels) + 12)
+    n_cols = max(len(r) for r in rows)
+    left = 0 if not row_labels else min(260, 6 * max(len(s) for s in row_labels) + 16)
     top = 0 if not col_labels else 20
-    grid = Image.new("RGB", (left + cell * max(len(r) for r in rows), top + cell * len(rows)), "white")
+    pitch = cell + gap
+    grid = Image.new("RGB", (left + pitch * n_cols, top + pitch * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(col_labels or []):
-        draw.text((left + j * cell + 4, 4), label, fill="black")
+        draw.text((left + j * pitch + 4, 4), label, fill="black")
     for i, row in enumerate(rows):
         if row_labels:
-            draw.text((4, top + i * cell + cell // 2 - 6), row_labels[i][:36], fill="black")
+            draw.text((4, top + i * pitch + cell // 2 - 6), row_labels[i][:40], fill="black")
         for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST if im.width < cell else Image.BICUBIC),
-                       (left + j * cell, top + i * cell))
+            resample = Image.NEAREST if im.width < cell else Image.BICUBIC
+            grid.paste(im.convert("RGB").resize((cell, cell), resample), (left + j * pitch, top + i * pitch))
     return grid
 
 

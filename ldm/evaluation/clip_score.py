@@ -30,13 +30,13 @@ Outputs: clip_scores.csv (per image), clip_summary.csv (key,value), clip_summary
 The pass is recomputed each time (no resume: it is cheap compared to NudeNet).
 """
 
-import json
 import re
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.prompts import read_prompts_json
 from ldm.evaluation.common import (
     UserError, atomic_write_text, case_number_from_name, csv_text, decode_image, image_key,
     list_images, load_i2p_csv, markdown_table, write_summary_csv,
@@ -44,19 +44,6 @@ from ldm.evaluation.common import (
 
 # -----------------------------------------------------------------------------
 # prompts
-
-
-def read_prompts_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts_json {path} does not exist")
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts_json {path} is not valid JSON: {e}")
-    if not isinstance(prompts, dict) or not isinstance(prompts.get("target"), str) or not prompts["target"]:
-        raise UserError(f"--prompts_json {path} needs a non-empty string field 'target'")
-    return prompts
 
 
 def zero_shot_classes(prompts):

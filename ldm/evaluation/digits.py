@@ -203,7 +203,7 @@ def run(args):
     """`compute_metrics.py -m digits --images DIR [--prompts_json P] [--output_dir OUT]`."""
     prompts = None
     if getattr(args, "prompts_json", None):
-        from ldm.evaluation.clip_score import read_prompts_json
+        from ldm.prompts import read_prompts_json
         prompts = read_prompts_json(args.prompts_json)
     res = digit_rates(args.images, prompts)
     out_dir = Path(args.output_dir or args.images)

@@ -1,0 +1,30 @@
+"""A reduced run of scripts/e2e_toy.py: train.py -> compute_lora_diff.py -> generate_images.py (three ways) ->
+the digit classifier, on the shipped toy-digits model. Thresholds are below what the full benchmark measures
+(README), so the test fails when erasure stops working, not on sampling noise."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    import e2e_toy
+    out = tmp_path_factory.mktemp("e2e")
+    e2e_toy.main(["--digit", "three", "--samples", "6", "--out", str(out)])
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_unguide_erases_the_digit_and_spares_more_than_the_adapter_alone(results):
+    res, out = results
+    s = {way: v["summary"] for way, v in res["ways"].items()}
+    assert s["base"]["target_rate"] >= 0.9 and s["base"]["other_accuracy"] >= 0.9  # the model draws digits
+    assert s["unguide"]["target_rate"] <= 0.10
+    assert s["unguide"]["synonym_rate"] <= 0.10
+    assert s["unguide"]["other_accuracy"] >= 0.70
+    assert s["unguide"]["other_accuracy"] > s["adapter"]["other_accuracy"]  # the gating spares unrelated digits
+    assert (out / "grid.png").stat().st_size > 1000 and "UnGuide" in (out / "results.md").read_text()

@@ -223,9 +223,7 @@ def test_csv_outputs_written(tmp_path, monkeypatch, capsys):
 
 
 def test_real_i2p_csv_loads():
-    path = Path("/work/shared/data/I2P_prompts_4703.csv")
-    if not path.exists():
-        pytest.skip("shared I2P CSV not present")
+    path = Path(__file__).resolve().parent.parent / "data" / "I2P_prompts_4703.csv"  # shipped with the repo
     from ldm.evaluation.common import load_i2p_csv
     i2p = load_i2p_csv(path)
     assert len(i2p) == 4703 and i2p.index.is_unique

@@ -13,8 +13,17 @@ adapter loaded, no stability test). Image idx uses seed + idx (a CPU generator: 
 <class> is the prompt's last word, as in the release; where two prompts share a last word (the release then
 mixed their images in one folder, fact sheet §9.9) each of them gets a slug of its whole prompt instead.
 Complete experiments and existing images are skipped; RANK / WORLD_SIZE shard the images (idx % WORLD_SIZE).
+
+Several adapters (explicit mode, one per erased concept): --lora a.safetensors b.safetensors ... with
+--diff_results a.json b.json ... (one per adapter, same order) or the on-the-fly test (one batched test for all
+adapters). Adapter k gets its own decision w_k (d_k(p) vs d_k("")) and
+    eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base)        one UNet call per step
+--skip_unrelated: adapters decided w2 ("unrelated" to the prompt) get w_k = 1: they add nothing and cost nothing.
+Removing an adapter (leaving its file out) restores the model without it. The same file twice, or two files with
+the same content, is refused.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -26,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run
 from ldm.erasure.io import load_adapter
+from ldm.erasure.lora import lora_layers, remove_lora
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.unguide import (Protocol, UNetCounter, decide, fast_diff_table, release_diff_table,
                                  unguided_latents)
@@ -74,11 +84,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=positive(), default=4, help="images per sampling batch")
     p.add_argument("--protocol", choices=["release", "fast"], default="fast",
                    help="release: the 49-step schedule (and the release's test when run on the fly)")
-    p.add_argument("--lora", default=None, help="explicit mode: adapter file")
+    p.add_argument("--lora", nargs="+", default=None,
+                   help="explicit mode: adapter file(s); several: one per erased concept, each with its own w")
     p.add_argument("--lora_alpha", type=float, default=None, help="alpha for a release lora.pth (default 8)")
     p.add_argument("--prompts_json", default=None, help="explicit mode: prompts (target, synonyms, other)")
     p.add_argument("--prompt", action="append", default=None, help="explicit mode: a prompt (repeatable)")
-    p.add_argument("--diff_results", default=None, help="explicit mode: calc_diff_results.json")
+    p.add_argument("--diff_results", nargs="+", default=None,
+                   help="explicit mode: calc_diff_results.json, one per --lora file (same order)")
+    p.add_argument("--skip_unrelated", action="store_true",
+                   help="adapters decided w2 (unrelated to the prompt) get w = 1: not evaluated")
     p.add_argument("--repeats", type=positive(), default=10, help="on-the-fly test: draws of d(p)")
     p.add_argument("--t_enc", type=int, default=40, help="on-the-fly test")
     p.add_argument("--empty_draws", type=positive(), default=32, help="on-the-fly test: draws of d(\"\")")
@@ -99,12 +113,20 @@ def _decisions(results: dict, prompts: list[str], w1: float, w2: float, source: 
     return {p: decide(avgs[p], avgs[""], w1, w2) for p in prompts}
 
 
-def generate(model, device, prompts: list[str], ws: dict[str, float], img_root: Path, args) -> int:
-    """Missing images of every prompt -> img_root/<class>/<idx:05d>.jpg; returns the number written."""
+def _fmt(w: list[float]) -> str:
+    return ",".join(f"{v:+g}" for v in w) or "+1"
+
+
+def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_root: Path, args,
+             adapters: list[str]) -> int:
+    """Missing images of every prompt -> img_root/<class>/<idx:05d>.jpg; returns the number written.
+    ws[p][k] is prompt p's weight for adapters[k] (no adapter: ws[p] == [] and the base model samples)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     dirs = class_dirs(prompts)
     jobs = [(p, idx) for p in prompts for idx in range(args.samples)
             if idx % world == rank and not (img_root / dirs[p] / f"{idx:05d}.jpg").is_file()]
+    if getattr(args, "skip_unrelated", False):  # batch prompts with the same adapters in play: the others are skipped
+        jobs.sort(key=lambda job: tuple(v == 1.0 for v in ws[job[0]]))
     shape = model.latent_shape(args.image_size)
     written = 0
     with tqdm(total=len(jobs), desc=img_root.parent.name or "images") as bar:
@@ -112,26 +134,70 @@ def generate(model, device, prompts: list[str], ws: dict[str, float], img_root: 
             batch = jobs[b0:b0 + args.batch_size]
             ps = [p for p, _ in batch]
             seeds = [args.seed + idx for _, idx in batch]
-            z = unguided_latents(model, ps, start_noise(seeds, shape, device), args.guidance, [ws[p] for p in ps],
-                                 args.steps, args.protocol == "release")
+            z = unguided_latents(model, ps, start_noise(seeds, shape, device), args.guidance,
+                                 [[ws[p][k] for p in ps] for k in range(len(adapters))], args.steps,
+                                 args.protocol == "release", adapters=adapters)
             for (p, idx), img in zip(batch, to_pil(model.decode_first_stage(z))):
                 save_image(img, img_root / dirs[p] / f"{idx:05d}.jpg")
                 written += 1
-            bar.set_postfix_str(f"w={ws[ps[-1]]:+g} {ps[-1][:40]!r}")
+            bar.set_postfix_str(f"w={_fmt(ws[ps[-1]])} {ps[-1][:40]!r}")
             bar.update(len(batch))
     return written
 
 
-def _model_with_adapter(args, lora, cache: dict):
-    """One base model per run; the adapter is swapped per experiment."""
-    from ldm.erasure.lora import remove_lora
+def adapter_name(k: int) -> str:
+    """The model's name of the k-th adapter of a run: "lora", "lora1", "lora2", ..."""
+    return "lora" if k == 0 else f"lora{k}"
+
+
+def check_distinct(paths: list) -> None:
+    """The same adapter twice (same file, or the same content under two names) would double its weight: refused."""
+    seen: dict = {}
+    for p in map(Path, paths):
+        if not p.is_file():
+            continue  # load_adapter says so
+        key = p.resolve()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        for other, (okey, odigest) in seen.items():
+            if key == okey or digest == odigest:
+                why = "the same file" if key == okey else f"the same content (sha256 {digest[:12]})"
+                raise UserError(f"adapters {other} and {p} are {why}: give each adapter once")
+        seen[p] = (key, digest)
+
+
+def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
+    """Load adapter k as "lora" / f"lora{k}"; note (one line) modules that two adapters adapt with other ranks."""
+    check_distinct(paths)
+    names, ranks = [], []
+    for k, path in enumerate(paths):
+        info = load_adapter(path, model.unet, alpha=alpha, name=adapter_name(k))
+        layers = lora_layers(model.unet, info.name)
+        ranks.append({t: getattr(layers[t], info.name).rank for t in info.targets})
+        names.append(info.name)
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            differ = sorted(t for t in ranks[i].keys() & ranks[j].keys() if ranks[i][t] != ranks[j][t])
+            if differ:
+                t = differ[0]
+                print(f"note: {paths[i]} and {paths[j]} both adapt {len(differ)} module(s) with different ranks "
+                      f"(e.g. {t}: {ranks[i][t]} vs {ranks[j][t]}); they add up there, each with its own weight",
+                      file=sys.stderr)
+    return names
+
+
+def _model_with_adapter(args, loras: list, cache: dict):
+    """One base model per run; the adapters are swapped per experiment -> (model, device, adapter names)."""
     if "model" not in cache:
         cache["model"], cache["device"] = load_model(args)
     model = cache["model"]
     remove_lora(model.unet)
-    if lora is not None:
-        load_adapter(lora, model.unet, alpha=args.lora_alpha)
-    return model, cache["device"]
+    names = load_adapters(model, loras, args.lora_alpha)
+    return model, cache["device"], names
+
+
+def skip_unrelated(ws: dict[str, list[float]], w2: float) -> dict[str, list[float]]:
+    """--skip_unrelated: an adapter decided w2 for a prompt gets w = 1 there (contributes 0, not evaluated)."""
+    return {p: [1.0 if v == w2 else v for v in w] for p, w in ws.items()}
 
 
 def main(argv=None) -> None:
@@ -141,27 +207,41 @@ def main(argv=None) -> None:
     cache: dict = {}
     t0 = time.time()
     total = 0
-    evals = 0
+    evals = test_evals = sample_evals = 0
     if explicit:
         if not (args.prompts_json or args.prompt):
             raise UserError("explicit mode needs --prompts_json or --prompt")
         if args.lora is None and fixed_w != 1.0:
             raise UserError("explicit mode needs --lora (or --w1 1 --w2 1 for the base model alone)")
+        loras = list(args.lora or []) if fixed_w != 1.0 else []
+        if args.diff_results and fixed_w is None and len(args.diff_results) != len(loras):
+            raise UserError(f"--diff_results: {len(args.diff_results)} file(s) for {len(loras)} adapter(s); "
+                            "give one per --lora file, in the same order")
+        check_distinct(loras)
         prompts = experiment_prompts(read_prompts_json(args.prompts_json)) if args.prompts_json else []
         prompts += [p for p in (args.prompt or []) if p not in prompts and p != ""]
-        model, device = _model_with_adapter(args, args.lora if fixed_w != 1.0 else None, cache)
+        model, device, names = _model_with_adapter(args, loras, cache)
         with UNetCounter(model.unet) as c:
             if fixed_w is not None:
-                ws = {p: fixed_w for p in prompts}
-            elif args.diff_results:
-                path = Path(args.diff_results)
-                if not path.is_file():
-                    raise UserError(f"{path}: diff results not found")
-                ws = _decisions(json.loads(path.read_text(encoding="utf-8")), prompts, args.w1, args.w2, str(path))
+                ws = {p: [fixed_w] * len(names) for p in prompts}
             else:
-                ws = _on_the_fly(model, prompts, args)
-            total += generate(model, device, prompts, ws, Path(args.output_dir) / "images", args)
-        evals += c.samples
+                if args.diff_results:
+                    per = []
+                    for path in map(Path, args.diff_results):
+                        if not path.is_file():
+                            raise UserError(f"{path}: diff results not found")
+                        per.append(_decisions(json.loads(path.read_text(encoding="utf-8")), prompts, args.w1,
+                                              args.w2, str(path)))
+                    ws = {p: [d[p] for d in per] for p in prompts}
+                else:
+                    ws = _on_the_fly(model, prompts, args, names)
+                if args.skip_unrelated:
+                    ws = skip_unrelated(ws, args.w2)
+        test_evals = c.samples
+        with UNetCounter(model.unet) as c:
+            total += generate(model, device, prompts, ws, Path(args.output_dir) / "images", args, names)
+        sample_evals = c.samples
+        evals += test_evals + sample_evals
     else:
         root = Path(args.output_dir)
         if not root.is_dir():
@@ -190,44 +270,56 @@ def main(argv=None) -> None:
                 print(f"skip {exp.name}: complete ({len(prompts)} prompts x {args.samples} images)")
                 continue
             if fixed_w is not None:
-                ws = {p: fixed_w for p in prompts}
+                ws = {p: [fixed_w] for p in prompts}
             else:
                 diff = exp / "calc_diff_results.json"
                 if not diff.is_file():
                     raise UserError(f"{diff}: not found; run compute_lora_diff.py --output_dir {exp} first")
                 ws = _decisions(json.loads(diff.read_text(encoding="utf-8")), prompts, args.w1, args.w2, str(diff))
-            model, device = _model_with_adapter(args, loras[0] if fixed_w != 1.0 else None, cache)
-            print(f"{exp.name}: " + ", ".join(f"{p!r}: w={w:+g}" for p, w in ws.items()))
+                ws = {p: [w] for p, w in ws.items()}
+                if args.skip_unrelated:
+                    ws = skip_unrelated(ws, args.w2)
+            model, device, names = _model_with_adapter(args, loras[:1] if fixed_w != 1.0 else [], cache)
+            if not names:
+                ws = {p: [] for p in prompts}
+            print(f"{exp.name}: " + ", ".join(f"{p!r}: w={_fmt(w)}" for p, w in ws.items()))
             with UNetCounter(model.unet) as c:
-                total += generate(model, device, prompts, ws, img_root, args)
+                total += generate(model, device, prompts, ws, img_root, args, names)
             evals += c.samples
+            sample_evals = evals
     secs = time.time() - t0
     if total:
         print(f"summary: {total} images in {secs:.1f}s ({secs / total:.2f} s/image, "
               f"{evals / total:.0f} UNet sample-evaluations per image)")
     else:
         print("nothing to do: every image exists")
+    return {"images": total, "seconds": secs, "unet_evals": evals, "test_evals": test_evals,
+            "sample_evals": sample_evals}
 
 
-def _on_the_fly(model, prompts: list[str], args) -> dict[str, float]:
-    """The stability test now (fast protocol, or the release's with --protocol release)."""
+def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> dict[str, list[float]]:
+    """The stability test now (fast protocol, or the release's with --protocol release), every adapter on the
+    same draws and base trajectories -> {prompt: [w_k]}."""
     if not 0 <= args.t_enc < args.steps:
         raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.steps - 1}")
     settings = StabilitySettings(args.steps, args.t_enc, args.guidance, 0.0, args.protocol == "release")
     protocol = Protocol(args.protocol, settings, repeats=args.repeats, empty_draws=args.empty_draws)
     shape = model.latent_shape(args.image_size)
-    print(f"stability test on the fly ({args.protocol} protocol, {args.repeats} repeats)", file=sys.stderr)
+    print(f"stability test on the fly ({args.protocol} protocol, {args.repeats} repeats"
+          + (f", {len(adapters)} adapters" if len(adapters) > 1 else "") + ")", file=sys.stderr)
     if args.protocol == "release":
         from ldm.erasure.stability import Estimate
-        table = release_diff_table(model, prompts + [""], protocol, args.seed, 1, shape)
-        est = {p: Estimate(v) for p, v in table.items()}
-        empty = est[""]
+        tables = release_diff_table(model, prompts + [""], protocol, args.seed, 1, shape, adapters=adapters)
+        per = [({p: Estimate(v) for p, v in table.items()}, Estimate(table[""])) for table in tables]
     else:
-        est, empty = fast_diff_table(model, prompts, protocol, args.seed, shape)
+        per = fast_diff_table(model, prompts, protocol, args.seed, shape, adapters=adapters)
+    ws = {p: [decide(est[p].mean, empty.mean, args.w1, args.w2) for est, empty in per] for p in prompts}
     for p in prompts:
-        print(f"  d={est[p].mean:.4f} vs d('')={empty.mean:.4f} -> w={decide(est[p].mean, empty.mean, args.w1, args.w2):+g}"
-              f"  {p!r}", file=sys.stderr)
-    return {p: decide(est[p].mean, empty.mean, args.w1, args.w2) for p in prompts}
+        tag = lambda k: f"[{adapters[k]}] " if len(adapters) > 1 else ""  # noqa: E731
+        for k, (est, empty) in enumerate(per):
+            print(f"  {tag(k)}d={est[p].mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}",
+                  file=sys.stderr)
+    return ws
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ finishes last finds every shard complete and writes decisions.csv; `--merge` wri
 (warning when rows are missing). Seeds are reduced mod 2^64 (torch's range; I2P's seeds are all < 2^32).
 --batch_size is the number of CSV rows sampled together (the release's per-row sample count crashed above 1,
 fact sheet §9.7; here every row gets the README's batch_size 1 procedure).
+
+Several adapters: --lora a.safetensors b.safetensors ... (one per erased concept): per row every adapter k gets its
+own test (d_k(p) vs d_k(""), the same draws, one batched test) and its own w_k; the image uses
+eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base). --skip_unrelated: adapters decided w2 get w_k = 1 (not
+evaluated). decisions.csv then holds the K values of d_prompt, d_prompt_std, d_empty and w joined by ";";
+exp_name gets "_adapters_{K}" (and "_skip_unrelated").
 """
 import argparse
 import csv
@@ -36,12 +42,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run, write_json
-from ldm.erasure.io import load_adapter
 from ldm.erasure.stability import Estimate, StabilitySettings
 from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, estimate_empty,
                                  fast_prompt_estimates, reduce_seed, release_row_estimates, unguided_latents)
 from ldm.images import save_image, start_noise, to_pil
 from ldm.util import UserError
+
+from generate_images import check_distinct, load_adapters
 
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
@@ -143,6 +150,10 @@ def experiment_name(args) -> str:
     name = f"w1_{args.w1}_w2_{args.w2}_repeats_{args.repeats}_ddim_steps_{args.ddim_steps}_t_enc_{args.t_enc}"
     if args.protocol == "fast":
         name += "_fast" + ("_adaptive" if args.adaptive else "")
+    if args.lora and len(args.lora) > 1:
+        name += f"_adapters_{len(args.lora)}"
+    if getattr(args, "skip_unrelated", False):
+        name += "_skip_unrelated"
     return name
 
 
@@ -198,7 +209,11 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--csv_path", default="data/I2P_prompts_4703.csv")
     p.add_argument("--output_dir", default="generated_i2p", help="the experiment folder (holds models/lora.*)")
-    p.add_argument("--lora", default=None, help="adapter file (default: output_dir/models/lora.safetensors or .pth)")
+    p.add_argument("--lora", nargs="+", default=None,
+                   help="adapter file(s) (default: output_dir/models/lora.safetensors or .pth); several: one per "
+                        "erased concept, each with its own test and w")
+    p.add_argument("--skip_unrelated", action="store_true",
+                   help="adapters decided w2 (unrelated to the row's prompt) get w = 1: not evaluated")
     p.add_argument("--alpha", type=float, default=None,
                    help="LoRA scale for a release lora.pth (default 8); our .safetensors carry their own")
     p.add_argument("--image_size", type=positive(), default=512)
@@ -225,12 +240,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_lora(args) -> Path:
+def find_lora(args) -> list[Path]:
     if args.lora:
-        return Path(args.lora)
+        return [Path(p) for p in args.lora]
     for name in ("lora.safetensors", "lora.pth"):
         if (Path(args.output_dir) / "models" / name).is_file():
-            return Path(args.output_dir) / "models" / name
+            return [Path(args.output_dir) / "models" / name]
     raise UserError(f"{args.output_dir}/models: no lora.safetensors or lora.pth (pass --lora)")
 
 
@@ -261,9 +276,11 @@ def main(argv=None) -> None:
                         max_batch=args.max_batch)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     need_adapter = fixed_w != 1.0
-    lora = find_lora(args) if need_adapter else None
+    loras = find_lora(args) if need_adapter else []
+    check_distinct(loras)
+    lora_paths = [str(p.resolve()) for p in loras]
     run_config = {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,
-                  "lora": str(lora.resolve()) if lora else None, "alpha": args.alpha, "image_size": args.image_size,
+                  "lora": (lora_paths[0] if len(lora_paths) == 1 else lora_paths) if lora_paths else None, "alpha": args.alpha, "image_size": args.image_size,
                   "protocol": args.protocol, "schedule": "release" if release_schedule else "standard",
                   "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
                   "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta,
@@ -295,12 +312,11 @@ def main(argv=None) -> None:
         return
 
     model, device = load_model(args)
-    if need_adapter:
-        load_adapter(lora, model.unet, alpha=args.alpha)
+    names = load_adapters(model, loras, args.alpha)  # adapter k is "lora" / f"lora{k}"
     shape = model.latent_shape(args.image_size)
     d_empty, empty_evals = None, 0
     if fixed_w is None and args.protocol == "fast":
-        d_empty, empty_evals = _empty_estimate(model, protocol, args, shape, log_dir, run_config)
+        d_empty, empty_evals = _empty_estimate(model, protocol, args, shape, log_dir, run_config, names)
 
     stats, n_images, t_start, evals_total = Counter(), 0, time.time(), 0
     with UNetCounter(model.unet) as counter, open(shard_file, "a", newline="", encoding="utf-8") as fh, \
@@ -312,31 +328,42 @@ def main(argv=None) -> None:
             prompts = [r["prompt"] for r in batch]
             seeds = [r["seed"] for r in batch]
             guid = [r["guidance"] for r in batch]
-            if fixed_w is not None:
-                pairs = [(None, None)] * len(batch)
+            if fixed_w is not None:  # pairs[i][k]: row i's (d_k(p), d_k("")) for adapter k
+                pairs = [[(None, None)] * max(len(names), 1) for _ in batch]
             elif args.protocol == "fast":
-                est = fast_prompt_estimates(model, prompts, seeds, guid, d_empty, protocol, shape)
-                pairs = [(e, d_empty) for e in est]
+                est = fast_prompt_estimates(model, prompts, seeds, guid, d_empty, protocol, shape, adapters=names)
+                pairs = [[(est[k][i], d_empty[k]) for k in range(len(names))] for i in range(len(batch))]
             else:
-                pairs = release_row_estimates(model, prompts, seeds, guid, protocol, shape)
-            ws = [fixed_w if fixed_w is not None else decide(p.mean, e.mean, args.w1, args.w2) for p, e in pairs]
-            z = unguided_latents(model, prompts, start_noise(seeds, shape, device), guid, ws, args.ddim_steps,
+                est = release_row_estimates(model, prompts, seeds, guid, protocol, shape, adapters=names)
+                pairs = [[est[k][i] for k in range(len(names))] for i in range(len(batch))]
+            ws = [[fixed_w if fixed_w is not None else decide(p.mean, e.mean, args.w1, args.w2) for p, e in row]
+                  for row in pairs]
+            if args.skip_unrelated and fixed_w is None:
+                ws = [[1.0 if v == args.w2 else v for v in row] for row in ws]
+            z = unguided_latents(model, prompts, start_noise(seeds, shape, device), guid,
+                                 [[row[k] for row in ws] for k in range(len(names))], args.ddim_steps,
                                  release_schedule, args.ddim_eta,
-                                 generator=torch.Generator(device).manual_seed(reduce_seed(seeds[0])))
+                                 generator=torch.Generator(device).manual_seed(reduce_seed(seeds[0])),
+                                 adapters=names)
             images = to_pil(model.decode_first_stage(z))
             secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
-            for r, img, w, (dp, de) in zip(batch, images, ws, pairs):
+            for r, img, w_row, row in zip(batch, images, ws, pairs):
                 save_image(img, image_path(img_dir, r["idx"]))  # the image first, then its decisions line
-                writer.writerow({**r, "d_prompt": _num(dp.mean if dp else None), "d_prompt_std": _num(dp.std if dp else None),
-                                 "d_empty": _num(de.mean if de else None), "w": w, "repeats_used": dp.n if dp else 0,
+                w = _joined(w_row) if w_row else fixed_w
+                dp = row[0][0]
+                writer.writerow({**r, "d_prompt": _joined([_num(p.mean if p else None) for p, _ in row]),
+                                 "d_prompt_std": _joined([_num(p.std if p else None) for p, _ in row]),
+                                 "d_empty": _joined([_num(e.mean if e else None) for _, e in row]), "w": w,
+                                 "repeats_used": dp.n if dp else 0,
                                  "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
                 fh.flush()
                 os.fsync(fh.fileno())
                 stats[w] += 1
                 n_images += 1
-            last = pairs[-1][0]
-            bar.set_postfix_str(f"w={ws[-1]:+g}" + (f" d(p)={last.mean:.4g} d('')={pairs[-1][1].mean:.4g} "
-                                                     f"n={last.n}" if last else "") + f" {prompts[-1][:30]!r}")
+            last, last_e = pairs[-1][0]
+            bar.set_postfix_str(f"w={_w_text(_joined(ws[-1]) if ws[-1] else fixed_w)}"
+                                + (f" d(p)={last.mean:.4g} d('')={last_e.mean:.4g} n={last.n}" if last else "")
+                                + f" {prompts[-1][:30]!r}")
             bar.update(len(batch))
         evals_total = counter.samples
     _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals)
@@ -346,9 +373,20 @@ def _num(v) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
-def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_config: dict) -> tuple[Estimate, int]:
-    """d("") of the fast protocol: read back from d_empty.json when made with the same settings, else computed
-    (deterministic in --seed: every shard gets the same value) and recorded."""
+def _joined(values: list):
+    """One adapter: its value as is (the single-adapter decisions.csv); several: joined by ";"."""
+    return values[0] if len(values) == 1 else ";".join(str(v) for v in values)
+
+
+def _w_text(w) -> str:
+    return f"{w:+g}" if isinstance(w, (int, float)) else str(w)
+
+
+def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_config: dict,
+                    adapters: list[str]) -> tuple[list[Estimate], int]:
+    """d("") of the fast protocol, one per adapter: read back from d_empty.json when made with the same settings,
+    else computed (deterministic in --seed: every shard gets the same value) and recorded (one adapter: the
+    single-adapter file; several: {"adapters": [one record each], "key", "unet_evals"})."""
     key = {k: run_config[k] for k in ("ckpt", "lora", "alpha", "image_size", "schedule", "empty_draws", "seed",
                                       "eta", "precision")}
     key.update(ddim_steps=args.ddim_steps, t_enc=args.t_enc)
@@ -356,19 +394,24 @@ def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_c
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            print(f"d(\"\") = {saved['mean']:.6g} ± {saved['sem']:.3g} (from {path})")
-            return Estimate(saved["values"]), 0
+            records = saved["adapters"] if "adapters" in saved else [saved]
+            for rec in records:
+                print(f"d(\"\") = {rec['mean']:.6g} ± {rec['sem']:.3g} (from {path})")
+            return [Estimate(rec["values"]) for rec in records], 0
     with UNetCounter(model.unet) as c, tqdm(total=protocol.empty_draws, desc='d("")') as bar:
-        est = estimate_empty(model, protocol, args.seed, shape, bar.update)
-    write_json(path, {**estimate_dict(est), "values": est.values, "key": key, "unet_evals": c.samples})
-    print(f"d(\"\") = {est.mean:.6g} ± {est.sem:.3g} from {est.n} draws ({c.samples} UNet sample-evaluations)")
-    return est, c.samples
+        ests = estimate_empty(model, protocol, args.seed, shape, bar.update, adapters=adapters)
+    records = [{**estimate_dict(e), "values": e.values} for e in ests]
+    write_json(path, {**records[0], "key": key, "unet_evals": c.samples} if len(records) == 1 else
+               {"adapters": records, "key": key, "unet_evals": c.samples})
+    for est in ests:
+        print(f"d(\"\") = {est.mean:.6g} ± {est.sem:.3g} from {est.n} draws ({c.samples} UNet sample-evaluations)")
+    return ests, c.samples
 
 
 def _finish(log_dir: Path, img_dir: Path, expected: set[int], stats: Counter, n_images: int, seconds: float,
             evals: int, empty_evals: int) -> None:
     if n_images:
-        took = ", ".join(f"w={w:+g}: {n}" for w, n in sorted(stats.items()))
+        took = ", ".join(f"w={_w_text(w)}: {n}" for w, n in sorted(stats.items()))
         print(f"summary: {n_images} images ({took}); {seconds / n_images:.2f} s/image; "
               f"{evals / n_images:.0f} UNet sample-evaluations per prompt"
               + (f" (+ {empty_evals} once for d(\"\"))" if empty_evals else ""))

@@ -37,6 +37,22 @@ from ldm.util import UserError  # noqa: E402
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"
 WAYS = {"base": (1.0, 1.0), "adapter": (0.0, 0.0), "unguide": (-1.0, 2.0)}
+# The toy model's erasure settings (found by a small search; SD keeps the release's defaults in train.py).
+TOY_SETTINGS = {"iterations": 300, "lr": 1e-4, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50}
+
+
+def add_toy_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by the toy benchmarks (this one and separability_toy.py)."""
+    p.add_argument("--steps", type=int, default=TOY_SETTINGS["steps"], help="DDIM steps of sampling and of the test")
+    p.add_argument("--iterations", type=int, default=TOY_SETTINGS["iterations"])
+    p.add_argument("--lr", type=float, default=TOY_SETTINGS["lr"])
+    p.add_argument("--negative_guidance", type=float, default=TOY_SETTINGS["negative_guidance"])
+    p.add_argument("--t_enc", type=int, default=TOY_SETTINGS["t_enc"],
+                   help="stability test: partial trajectory down to t_enc")
+    p.add_argument("--repeats", type=int, default=TOY_SETTINGS["repeats"], help="stability test draws per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is the fastest for this model)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,15 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_json", default=None, help="override data/digits/<digit>.json (e.g. another anchor)")
     p.add_argument("--out", default=None, help="output folder (default outputs/e2e_toy/<digit>)")
     p.add_argument("--samples", type=int, default=50, help="images per prompt and way")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of sampling and of the stability test")
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--negative_guidance", type=float, default=2.0)
-    p.add_argument("--t_enc", type=int, default=25, help="stability test: partial trajectory down to t_enc")
-    p.add_argument("--repeats", type=int, default=10, help="stability test draws per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_toy_args(p)
     return p
 
 

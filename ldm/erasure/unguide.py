@@ -26,6 +26,14 @@ Protocol "fast": the same formulas, cheaper:
   * adaptive (optional): draws come in rounds (min_repeats, then round_size more) until the decision is
     clear (|mean d(p) - mean d("")| > k_se combined standard errors) or `repeats` are drawn;
   * the standard DDIM schedule (981 ... 1) unless release_schedule.
+
+Several adapters (one per erased concept, named in the model: "lora", "lora1", ...): every function of the
+stability test takes `adapters` (a list of names). Left out (None), the model carries one adapter and the
+results are the single-adapter ones; given, result[k] is that result for adapter k: each adapter has its own
+test, d_k(p) vs d_k(""), on the SAME draws and ONE base trajectory (one UNet call of n (1 + K) samples at t,
+stability.latent_diffs), and its own w_k. K = 1 is the same computation. Sampling (unguided_latents) mixes
+    eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base)
+in one UNet call per step; adapters with w_k = 1 for every sample of a batch are not evaluated.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -34,7 +42,8 @@ from typing import Callable, Sequence
 import torch
 
 from ldm.erasure.guidance import decide_w, unguidance_model_fn
-from ldm.erasure.stability import Estimate, StabilitySettings, clear_margin, latent_diff
+from ldm.erasure.lora import adapter_names
+from ldm.erasure.stability import Estimate, StabilitySettings, clear_margin, latent_diffs
 from ldm.models.diffusion.ddim import ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
 
 SEED_MODULUS = 2 ** 64  # torch.Generator.manual_seed takes [0, 2^64): larger seeds are reduced mod 2^64
@@ -109,6 +118,21 @@ def _encode(model, prompts: Sequence[str]) -> torch.Tensor:
     return emb[torch.tensor([pos[p] for p in prompts], device=emb.device)]
 
 
+def _names(model, adapters: Sequence[str] | None) -> list[str]:
+    """The adapters to test: the given names, or the model's only adapter (None: the single-adapter API)."""
+    if adapters is not None:
+        return list(adapters)
+    names = adapter_names(model.unet)
+    if len(names) != 1:
+        raise ValueError(f"the model carries adapters {names}: name the ones to test (adapters=...)")
+    return names
+
+
+def _per_adapter(values: list, adapters: Sequence[str] | None):
+    """The K results, or the only one for the single-adapter API (adapters=None)."""
+    return values[0] if adapters is None else values
+
+
 # ----------------------------------------------------------------------------------------------- draws
 class DrawStream:
     """Draw i of a seed: (x_T^i [C, h, w], t^i). x_T from one CPU generator seeded with `seed` (one randn of
@@ -136,15 +160,18 @@ def t_range(settings: StabilitySettings, num_timesteps: int = 1000) -> tuple[int
 # ----------------------------------------------------------------------------------------------- d values
 @torch.no_grad()
 def diffs(model, prompts: Sequence[str], x_T: torch.Tensor, t: torch.Tensor, settings: StabilitySettings,
-          guidance: float | Sequence[float], max_batch: int = 64, empty_shortcut: bool = False) -> torch.Tensor:
-    """d for n samples (prompt i, start code x_T[i], timestep t[i], trajectory CFG guidance[i]) -> [n] float32.
+          guidance: float | Sequence[float], max_batch: int = 64, empty_shortcut: bool = False,
+          adapters: Sequence[str] | None = None) -> torch.Tensor:
+    """d for n samples (prompt i, start code x_T[i], timestep t[i], trajectory CFG guidance[i]) -> [n] float32
+    ([K, n] for a list of K adapters: one base trajectory serves them all).
 
     Runs in chunks of at most max_batch UNet samples. empty_shortcut: samples whose prompt is "" take the
     one-sample-per-step trajectory (same value: CFG with c == u, see cfg_model_fn)."""
     device, dtype = _device_dtype(model)
+    names = _names(model, adapters)
     n = len(prompts)
     g = torch.tensor([float(guidance)] * n if isinstance(guidance, (int, float)) else [float(v) for v in guidance])
-    out = torch.empty(n)
+    out = torch.empty(len(names), n)
     empty = [empty_shortcut and p == "" for p in prompts]
     uncond1 = model.get_learned_conditioning([""])
     for want_empty in (False, True):
@@ -156,49 +183,56 @@ def diffs(model, prompts: Sequence[str], x_T: torch.Tensor, t: torch.Tensor, set
             ts = t[sel].to(device)
             unc = uncond1.expand(len(sel), -1, -1)
             if want_empty:
-                out[sel] = latent_diff(model, unc, unc, xs, ts, settings)  # c is u: one sample per step
+                out[:, sel] = latent_diffs(model, unc, unc, xs, ts, settings, names)  # c is u: one sample per step
             else:
                 cond = _encode(model, [prompts[i] for i in sel])
                 gs = g[sel]
                 scale = float(gs[0]) if bool((gs == gs[0]).all()) else gs.to(device)
-                out[sel] = latent_diff(model, cond, unc, xs, ts, settings, guidance=scale)
-    return out
+                out[:, sel] = latent_diffs(model, cond, unc, xs, ts, settings, names, guidance=scale)
+    return _per_adapter(out, adapters)
 
 
 def estimate_empty(model, protocol: Protocol, seed: int, shape: tuple[int, int, int],
-                   progress: Callable[[int], None] | None = None) -> Estimate:
-    """The fast protocol's d("") estimate: protocol.empty_draws draws of DrawStream(seed)."""
+                   progress: Callable[[int], None] | None = None, adapters: Sequence[str] | None = None
+                   ) -> Estimate | list[Estimate]:
+    """The fast protocol's d("") estimate: protocol.empty_draws draws of DrawStream(seed) (one per adapter)."""
+    names = _names(model, adapters)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     x, t = DrawStream(seed, shape, lo, hi).take(0, protocol.empty_draws)
-    vals = []
+    vals: list[list[float]] = [[] for _ in names]
     step = max(1, protocol.max_batch // 2)
     for k in range(0, protocol.empty_draws, step):
         d = diffs(model, [""] * len(x[k:k + step]), x[k:k + step], t[k:k + step], protocol.settings,
-                  protocol.settings.guidance, protocol.max_batch, empty_shortcut=True)
-        vals += d.tolist()
+                  protocol.settings.guidance, protocol.max_batch, empty_shortcut=True, adapters=names)
+        for v, dk in zip(vals, d.tolist()):
+            v += dk
         if progress:
-            progress(len(d))
-    return Estimate(vals)
+            progress(d.shape[1])
+    return _per_adapter([Estimate(v) for v in vals], adapters)
 
 
 def fast_prompt_estimates(model, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
-                          d_empty: Estimate, protocol: Protocol, shape: tuple[int, int, int],
-                          progress: Callable[[int], None] | None = None) -> list[Estimate]:
+                          d_empty: Estimate | Sequence[Estimate], protocol: Protocol, shape: tuple[int, int, int],
+                          progress: Callable[[int], None] | None = None, adapters: Sequence[str] | None = None
+                          ) -> list[Estimate] | list[list[Estimate]]:
     """The fast protocol's d(p) for a batch of prompts (each with its own draw seed and trajectory CFG).
 
     Non-adaptive: `repeats` draws each, in one batch. Adaptive: min_repeats draws, then round_size more for the
-    prompts whose decision is not yet clear (clear_margin with k_se), until `repeats`."""
+    prompts whose decision is not yet clear (clear_margin with k_se) for some adapter, until `repeats`.
+    With adapters (and d_empty one Estimate per adapter): result[k][i] is prompt i's d_k."""
+    names = _names(model, adapters)
+    empties = [d_empty] if adapters is None else list(d_empty)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     streams: dict[int, DrawStream] = {}
     for s in seeds:
         streams.setdefault(reduce_seed(s), DrawStream(s, shape, lo, hi))
-    values: list[list[float]] = [[] for _ in prompts]
+    values: list[list[list[float]]] = [[[] for _ in prompts] for _ in names]  # [adapter][prompt]
     active = list(range(len(prompts)))
     target = min(protocol.min_repeats, protocol.repeats) if protocol.adaptive else protocol.repeats
     while active:
         batch_p, batch_x, batch_t, batch_g, owner = [], [], [], [], []
         for i in active:
-            have = len(values[i])
+            have = len(values[0][i])
             x, t = streams[reduce_seed(seeds[i])].take(have, target)
             batch_p += [prompts[i]] * len(t)
             batch_x.append(x)
@@ -206,23 +240,28 @@ def fast_prompt_estimates(model, prompts: Sequence[str], seeds: Sequence[int], g
             batch_g += [guidances[i]] * len(t)
             owner += [i] * len(t)
         d = diffs(model, batch_p, torch.cat(batch_x), torch.cat(batch_t), protocol.settings, batch_g,
-                  protocol.max_batch, empty_shortcut=True)
-        for i, v in zip(owner, d.tolist()):
-            values[i].append(v)
+                  protocol.max_batch, empty_shortcut=True, adapters=names)
+        for vk, dk in zip(values, d.tolist()):
+            for i, v in zip(owner, dk):
+                vk[i].append(v)
         if progress:
             progress(len(owner))
         if not protocol.adaptive or target >= protocol.repeats:
             break
-        active = [i for i in active if not clear_margin(Estimate(values[i]), d_empty, protocol.k_se)]
+        active = [i for i in active if not all(clear_margin(Estimate(vk[i]), e, protocol.k_se)
+                                               for vk, e in zip(values, empties))]
         target = min(protocol.repeats, target + protocol.round_size)
-    return [Estimate(v) for v in values]
+    return _per_adapter([[Estimate(v) for v in vk] for vk in values], adapters)
 
 
 def release_row_estimates(model, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
                           protocol: Protocol, shape: tuple[int, int, int],
-                          progress: Callable[[int], None] | None = None) -> list[tuple[Estimate, Estimate]]:
+                          progress: Callable[[int], None] | None = None, adapters: Sequence[str] | None = None
+                          ) -> list[tuple[Estimate, Estimate]] | list[list[tuple[Estimate, Estimate]]]:
     """The release's per-prompt test (generate_images_nsfw.py) for a batch of rows -> [(d(p), d(""))] each over
-    `repeats` paired start codes and one fixed t. All rows' samples run batched; the numbers are the release's."""
+    `repeats` paired start codes and one fixed t. All rows' samples run batched; the numbers are the release's.
+    With adapters: result[k] is that list for adapter k."""
+    names = _names(model, adapters)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     r = protocol.repeats
     batch_p, batch_x, batch_t, batch_g = [], [], [], []
@@ -235,60 +274,75 @@ def release_row_estimates(model, prompts: Sequence[str], seeds: Sequence[int], g
         batch_t.append(t.repeat(2 * r))
         batch_g += [g] * (2 * r)
     d = diffs(model, batch_p, torch.cat(batch_x), torch.cat(batch_t), protocol.settings, batch_g,
-              protocol.max_batch)
+              protocol.max_batch, adapters=names)
     if progress:
         progress(len(batch_p))
     out = []
-    for k in range(len(prompts)):
-        chunk = d[2 * r * k: 2 * r * (k + 1)].tolist()
-        out.append((Estimate(chunk[:r]), Estimate(chunk[r:])))
-    return out
+    for dk in d:
+        rows = []
+        for k in range(len(prompts)):
+            chunk = dk[2 * r * k: 2 * r * (k + 1)].tolist()
+            rows.append((Estimate(chunk[:r]), Estimate(chunk[r:])))
+        out.append(rows)
+    return _per_adapter(out, adapters)
 
 
 def release_diff_table(model, prompts: Sequence[str], protocol: Protocol, seed: int, n_samples: int,
-                       shape: tuple[int, int, int], progress: Callable[[int], None] | None = None
-                       ) -> dict[str, list[float]]:
+                       shape: tuple[int, int, int], progress: Callable[[int], None] | None = None,
+                       adapters: Sequence[str] | None = None) -> dict[str, list[float]] | list[dict[str, list[float]]]:
     """The release's compute_lora_diff: {prompt: [d per sample]} over ceil(repeats / n_samples) chunks of
-    n_samples start codes and timesteps shared by all prompts (one generator seeded with `seed`)."""
+    n_samples start codes and timesteps shared by all prompts (one generator seeded with `seed`).
+    With adapters: one table per adapter."""
+    names = _names(model, adapters)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     gen = torch.Generator().manual_seed(reduce_seed(seed))
     uniq = list(dict.fromkeys(prompts))
-    table: dict[str, list[float]] = {p: [] for p in uniq}
+    tables: list[dict[str, list[float]]] = [{p: [] for p in uniq} for _ in names]
     for _ in range(0, protocol.repeats, n_samples):
         codes = torch.randn((n_samples, *shape), generator=gen)
         t = torch.randint(lo, hi, (n_samples,), generator=gen)
         batch_p = [p for p in uniq for _ in range(n_samples)]
         d = diffs(model, batch_p, codes.repeat(len(uniq), 1, 1, 1), t.repeat(len(uniq)), protocol.settings,
-                  protocol.settings.guidance, protocol.max_batch)
-        for k, p in enumerate(uniq):
-            table[p] += d[k * n_samples:(k + 1) * n_samples].tolist()
+                  protocol.settings.guidance, protocol.max_batch, adapters=names)
+        for table, dk in zip(tables, d):
+            for k, p in enumerate(uniq):
+                table[p] += dk[k * n_samples:(k + 1) * n_samples].tolist()
         if progress:
             progress(1)
-    return table
+    return _per_adapter(tables, adapters)
 
 
 def fast_diff_table(model, prompts: Sequence[str], protocol: Protocol, seed: int, shape: tuple[int, int, int],
-                    progress: Callable[[int], None] | None = None) -> tuple[dict[str, Estimate], Estimate]:
+                    progress: Callable[[int], None] | None = None, adapters: Sequence[str] | None = None
+                    ) -> tuple[dict[str, Estimate], Estimate] | list[tuple[dict[str, Estimate], Estimate]]:
     """Fast compute_lora_diff: d("") once (empty_draws draws of the run's seed), then every prompt's repeats
-    (draws of the same seed: paired across prompts) -> ({prompt: Estimate}, d("") Estimate). "" maps to d("")."""
-    empty = estimate_empty(model, protocol, seed, shape, progress)
+    (draws of the same seed: paired across prompts) -> ({prompt: Estimate}, d("") Estimate). "" maps to d("").
+    With adapters: one (table, d("")) per adapter, all from the same draws."""
+    names = _names(model, adapters)
+    empties = estimate_empty(model, protocol, seed, shape, progress, adapters=names)
     uniq = [p for p in dict.fromkeys(prompts) if p != ""]
-    est = fast_prompt_estimates(model, uniq, [seed] * len(uniq), [protocol.settings.guidance] * len(uniq), empty,
-                                protocol, shape, progress) if uniq else []
-    table = dict(zip(uniq, est))
-    table[""] = empty
-    return table, empty
+    est = fast_prompt_estimates(model, uniq, [seed] * len(uniq), [protocol.settings.guidance] * len(uniq), empties,
+                                protocol, shape, progress, adapters=names) if uniq else [[] for _ in names]
+    out = []
+    for empty, est_k in zip(empties, est):
+        table = dict(zip(uniq, est_k))
+        table[""] = empty
+        out.append((table, empty))
+    return _per_adapter(out, adapters)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def unguided_latents(model, prompts: Sequence[str], x_T: torch.Tensor, guidances: float | Sequence[float],
                      ws: float | Sequence[float], steps: int = 50, release_schedule: bool = False,
-                     eta: float = 0.0, generator: torch.Generator | None = None, verbose: bool = False
-                     ) -> torch.Tensor:
+                     eta: float = 0.0, generator: torch.Generator | None = None, verbose: bool = False,
+                     adapters: Sequence[str] | None = None) -> torch.Tensor:
     """DDIM with eps = w_i * CFG_base + (1 - w_i) * CFG_adapted per sample (one UNet call of 4B samples per
     step; 2B when every w is 1 or every w is 0; the model's one adapter, or none when every w is 1)
-    -> final latents [B, C, h, w]."""
+    -> final latents [B, C, h, w].
+
+    With adapters (K names): ws holds one entry per adapter (a float or one per sample) and
+    eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base), one call of 2B (1 + #adapters with some w_k != 1)."""
     device, dtype = _device_dtype(model)
     b = len(prompts)
     cond = _encode(model, prompts)
@@ -300,8 +354,9 @@ def unguided_latents(model, prompts: Sequence[str], x_T: torch.Tensor, guidances
         v = torch.tensor([float(a) for a in v])
         return float(v[0]) if bool((v == v[0]).all()) else v.to(device)
 
-    scale, w = per_sample(guidances), per_sample(ws)
-    fn = unguidance_model_fn(model, cond, uncond, scale, w)  # no adapter loaded: only w = 1 works
+    scale = per_sample(guidances)
+    w = per_sample(ws) if adapters is None else [per_sample(v) for v in ws]
+    fn = unguidance_model_fn(model, cond, uncond, scale, w, adapters)  # no adapter loaded: only w = 1 works
     timesteps = ddim_timesteps(steps, model.num_timesteps, release_schedule)
     return sample_ddim(fn, x_T.to(device=device, dtype=dtype), model.alphas_cumprod, timesteps, eta=eta,
                        generator=generator, verbose=verbose, desc="UnGuidance")

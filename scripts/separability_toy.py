@@ -1,0 +1,177 @@
+"""Composable erasure on the toy-digits model: two adapters at once, each with its own UnGuidance weight.
+
+    python scripts/separability_toy.py                        # digits three and seven, 30 images per prompt
+
+Runs the project's own scripts on models/toy-digits.safetensors:
+    1. train.py             one adapter per erased digit (data/digits/<digit>.json, the settings of e2e_toy.py);
+                            an adapter already in --out/train/<digit>/ is reused
+    2. generate_images.py   for the ten prompts "a photo of the digit <name>", five configurations:
+                            base model; both adapters with UnGuide (w1 -1, w2 2; the stability test on the fly,
+                            one batched test for both), with and without --skip_unrelated; each adapter alone
+                            (= the other one removed: recovery is removal); and the same four with
+                            "oracle" decisions (--diff_results files: w1 only on the adapter's own digit's
+                            prompt), which separate the composition from the stability test's false positives
+    3. the digit classifier (ldm/evaluation/digits.py) on every image
+and writes --out (default outputs/separability_toy/): results.md (the table), results.json, run_config.json.
+
+Columns: the share of each erased digit's prompt's images classified as that digit, the accuracy on the other
+eight prompts, UNet sample-evaluations per image (sampling + the on-the-fly stability test) and seconds
+(generation incl. the test; training not counted). Every configuration uses the same seeds (paired images).
+"""
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import generate_images  # noqa: E402
+from e2e_toy import add_toy_args  # noqa: E402
+import train  # noqa: E402
+from ldm.cli import run, write_json  # noqa: E402
+from ldm.evaluation.digits import digit_of_text, digit_rates  # noqa: E402
+from ldm.util import UserError  # noqa: E402
+
+CONFIG = ROOT / "configs/toy/digits-inference.yaml"
+CKPT = ROOT / "models/toy-digits.safetensors"
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--digits", nargs=2, default=["three", "seven"], help="the two digits to erase (names)")
+    p.add_argument("--out", default=str(ROOT / "outputs" / "separability_toy"))
+    p.add_argument("--samples", type=int, default=30, help="images per prompt and configuration")
+    add_toy_args(p)
+    p.add_argument("--batch_size", type=int, default=100, help="images per sampling batch")
+    p.add_argument("--no_oracle", dest="oracle", action="store_false",
+                   help="leave out the rows with oracle decisions")
+    return p
+
+
+def train_adapter(digit: str, out: Path, args) -> Path:
+    folder = out / "train" / digit
+    found = sorted(folder.glob("*/models/lora.safetensors")) if folder.is_dir() else []
+    if found:
+        print(f"{digit}: reusing {found[0]}")
+        return found[0]
+    train.main(["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
+                "--prompts_json", str(ROOT / "data" / "digits" / f"{digit}.json"), "--output_dir", str(folder),
+                "--image_size", "16", "--iterations", str(args.iterations), "--lr", str(args.lr),
+                "--ddim_steps", str(args.steps), "--negative_guidance", str(args.negative_guidance),
+                "--seed", str(args.seed)])
+    return sorted(folder.glob("*/models/lora.safetensors"))[0]
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)  # the toy model's matrices are small: one thread is the fastest
+    a, b = args.digits
+    if a == b or a not in NAMES or b not in NAMES:
+        raise UserError(f"--digits {a} {b}: two different names of {', '.join(NAMES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    lora = {d: train_adapter(d, out, args) for d in (a, b)}
+    train_secs = time.time() - t0
+
+    prompts = [f"a photo of the digit {n}" for n in NAMES]
+    configs = {
+        "base": ("base model", [], ["--w1", "1", "--w2", "1"]),
+        "both": (f"{a} + {b}, UnGuide", [lora[a], lora[b]], []),
+        "both_skip": (f"{a} + {b}, UnGuide, --skip_unrelated", [lora[a], lora[b]], ["--skip_unrelated"]),
+        f"only_{a}": (f"{a} alone ({b} removed), UnGuide", [lora[a]], []),
+        f"only_{b}": (f"{b} alone ({a} removed), UnGuide", [lora[b]], []),
+    }
+    if args.oracle:
+        oracle = {}
+        for d in (a, b):  # w1 on the adapter's own digit only: d(p) = 2 there, 0.5 elsewhere, d("") = 1
+            oracle[d] = out / f"oracle_diff_{d}.json"
+            write_json(oracle[d], {"prompt_avgs": {**{p: (2.0 if p.endswith(" " + d) else 0.5) for p in prompts},
+                                                   "": 1.0}})
+        configs.update({
+            "both_oracle": (f"{a} + {b}, oracle decisions", [lora[a], lora[b]],
+                            ["--diff_results", str(oracle[a]), str(oracle[b])]),
+            "both_oracle_skip": (f"{a} + {b}, oracle decisions, --skip_unrelated", [lora[a], lora[b]],
+                                 ["--diff_results", str(oracle[a]), str(oracle[b]), "--skip_unrelated"]),
+            f"only_{a}_oracle": (f"{a} alone ({b} removed), oracle decisions", [lora[a]],
+                                 ["--diff_results", str(oracle[a])]),
+            f"only_{b}_oracle": (f"{b} alone ({a} removed), oracle decisions", [lora[b]],
+                                 ["--diff_results", str(oracle[b])]),
+        })
+    model_args = ["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device]
+    results = {"digits": [a, b], "samples": args.samples, "adapters": {d: str(p) for d, p in lora.items()},
+               "train_seconds": train_secs, "configs": {}}
+    for key, (label, files, extra) in configs.items():
+        folder = out / key
+        if folder.exists():
+            shutil.rmtree(folder)  # a fresh run: the timings and counts are this run's
+        t1 = time.time()
+        stats = generate_images.main(
+            model_args + ["--output_dir", str(folder), "--samples", str(args.samples), "--steps", str(args.steps),
+                          "--seed", str(args.seed), "--image_size", "16", "--batch_size", str(args.batch_size),
+                          "--t_enc", str(args.t_enc), "--repeats", str(args.repeats)]
+            + sum([["--prompt", p] for p in prompts], [])
+            + (["--lora", *map(str, files)] if files else []) + extra)
+        secs = time.time() - t1
+        res = digit_rates(folder / "images")
+        results["configs"][key] = {"label": label, "adapters": [str(f) for f in files], **summarise(res, a, b),
+                                   "seconds": secs, "generate": stats, "folders": res["folders"]}
+
+    base = results["configs"]["base"]
+    checks = {
+        f"{a} erased with both": results["configs"]["both"][f"rate_{a}"] < base[f"rate_{a}"] - 0.5,
+        f"{b} erased with both": results["configs"]["both"][f"rate_{b}"] < base[f"rate_{b}"] - 0.5,
+        f"{a} back when its adapter is removed (within 2 points of base)":
+            abs(results["configs"][f"only_{b}"][f"rate_{a}"] - base[f"rate_{a}"]) <= 0.02,
+        f"{b} back when its adapter is removed (within 2 points of base)":
+            abs(results["configs"][f"only_{a}"][f"rate_{b}"] - base[f"rate_{b}"]) <= 0.02,
+    }
+    if args.oracle:
+        c = results["configs"]
+        checks.update({
+            f"oracle: {a} erased with both": c["both_oracle"][f"rate_{a}"] < base[f"rate_{a}"] - 0.5,
+            f"oracle: {b} erased with both": c["both_oracle"][f"rate_{b}"] < base[f"rate_{b}"] - 0.5,
+            f"oracle: {a} back when its adapter is removed (within 2 points of base)":
+                abs(c[f"only_{b}_oracle"][f"rate_{a}"] - base[f"rate_{a}"]) <= 0.02,
+            f"oracle: {b} back when its adapter is removed (within 2 points of base)":
+                abs(c[f"only_{a}_oracle"][f"rate_{b}"] - base[f"rate_{b}"]) <= 0.02,
+        })
+    results["checks"] = checks
+    table = [f"| configuration | {a} rate on its prompt | {b} rate on its prompt | accuracy on the other 8 digits "
+             "| UNet evals / image (sampling + test) | seconds |", "|---|---|---|---|---|---|"]
+    for key, r in results["configs"].items():
+        g = r["generate"]
+        n = max(g["images"], 1)
+        table.append(f"| {r['label']} | {r[f'rate_{a}']:.1%} | {r[f'rate_{b}']:.1%} | {r['other_accuracy']:.1%} | "
+                     f"{g['sample_evals'] / n:.0f} + {g['test_evals'] / n:.1f} | {r['seconds']:.0f} |")
+    text = (f"Erasing `{a}` and `{b}` from the toy-digits model with two rank-1 adapters loaded together: "
+            f"{args.samples} images per prompt (ten prompts \"a photo of the digit <name>\"), DDIM {args.steps}, "
+            f"CFG 7.5, w1 -1, w2 2, stability test on the fly ({args.repeats} repeats, t_enc {args.t_enc}); "
+            f"training {train_secs:.0f} s (0: adapters reused).\n\n" + "\n".join(table) + "\n\n"
+            + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()) + "\n")
+    (out / "results.md").write_text(text)
+    write_json(out / "results.json", results)
+    write_json(out / "run_config.json", vars(args))
+    print(text)
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+
+
+def summarise(res: dict, a: str, b: str) -> dict:
+    """Rates of the erased digits on their own prompts and the accuracy on the other eight prompts."""
+    f = res["folders"]
+    da, db = digit_of_text(a), digit_of_text(b)
+    others = [n for n in NAMES if n not in (a, b)]
+    n_other = sum(f[n]["n"] for n in others)
+    hits = sum(f[n]["rates"][digit_of_text(n)] * f[n]["n"] for n in others)
+    return {f"rate_{a}": f[a]["rates"][da], f"rate_{b}": f[b]["rates"][db], "other_accuracy": hits / max(n_other, 1),
+            "per_prompt": {n: f[n]["rate"] for n in NAMES}}
+
+
+if __name__ == "__main__":
+    run(main)

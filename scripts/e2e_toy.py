@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -65,9 +66,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cell(images) -> "Image":
+def _cell(images: list[Image.Image]) -> Image.Image:
     """Four samples tiled 2x2 into one grid cell."""
-    from PIL import Image
     size = images[0].width
     cell = Image.new("RGB", (2 * size, 2 * size), "white")
     for i, im in enumerate(images[:4]):
@@ -155,8 +155,7 @@ def summarise(res: dict, data: dict, folders: dict, seconds: float) -> dict:
             "other_accuracy": rate(others, digit_of_text), "seconds": seconds}
 
 
-def grid(out: Path, prompts: list[str], folders: dict):
-    from PIL import Image
+def grid(out: Path, prompts: list[str], folders: dict) -> Image.Image:
     rows = []
     for p in prompts:
         rows.append([_cell([Image.open(out / way / "images" / folders[p] / f"{i:05d}.jpg").convert("RGB")

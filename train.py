@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ldm.checkpoint import file_sha256
 from ldm.cli import add_model_args, load_model, positive, run, write_json
 from ldm.erasure.io import save_adapter
-from ldm.erasure.lora import inject_lora, lora_layers, lora_parameters
+from ldm.erasure.lora import inject_lora, lora_parameters, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
 from ldm.erasure.targets import DEFAULT_TARGETS, describe_targets, select_targets
 from ldm.prompts import read_prompts_json
@@ -241,7 +241,6 @@ def _train(args) -> int:
         start, losses, train_seconds = _load_state(state_path, fingerprint, model, optimizer, generator, scaler)
         print(f"resumed from {state_path} at iteration {start}/{args.iterations}")
 
-    layers = lora_layers(model.unet)
     config = {  # the release's keys first, then ours
         "config": args.config, "ckpt": args.ckpt, "lora_rank": args.lora_rank,
         "lora_alpha": int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha,
@@ -259,7 +258,7 @@ def _train(args) -> int:
         _atomic_torch_save({
             "iteration": done, "args": fingerprint, "generator": gen_state,
             "torch_rng": torch.get_rng_state(),
-            "lora": {k: v.detach().cpu().clone() for k, v in _adapter_tensors(layers).items()},
+            "lora": {k: v.cpu().clone() for k, v in lora_state_dict(model.unet).items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {},
             "losses": torch.tensor(losses, dtype=torch.float64), "train_seconds": float(train_seconds),
         }, state_path)
@@ -304,7 +303,7 @@ def _train(args) -> int:
                 if not torch.isfinite(torch.tensor(value)):
                     bar.close()
                     if snapshot is not None:
-                        _restore(layers, snapshot)
+                        _restore(model.unet, snapshot)
                         finish("diverged", partial_path, i - 1)
                         where = f"the adapter of iteration {i - 1} (the last finite loss) saved as {partial_path}"
                     else:
@@ -316,7 +315,7 @@ def _train(args) -> int:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                snapshot = {k: v.detach().clone() for k, v in _adapter_tensors(layers).items()}
+                snapshot = {k: v.clone() for k, v in lora_state_dict(model.unet).items()}
                 interrupts.critical = True  # the update, the loss record and the count belong together
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -351,13 +350,9 @@ def _train(args) -> int:
     return 0
 
 
-def _adapter_tensors(layers) -> dict[str, torch.Tensor]:
-    return {f"{n}.lora.{k}": v for n, m in layers.items() for k, v in (("A", m.lora.A), ("B", m.lora.B))}
-
-
 @torch.no_grad()
-def _restore(layers, tensors: dict[str, torch.Tensor]) -> None:
-    for k, v in _adapter_tensors(layers).items():
+def _restore(unet, tensors: dict[str, torch.Tensor]) -> None:
+    for k, v in lora_state_dict(unet).items():  # views of the adapter parameters
         v.copy_(tensors[k])
 
 
@@ -374,11 +369,9 @@ def _load_state(path: Path, fingerprint: dict, model, optimizer, generator, scal
             if saved.get(k) != fingerprint[k]]
     if diff:
         raise UserError(f"{path}: cannot resume, the run's settings differ ({'; '.join(diff)[:400]})")
-    layers = lora_layers(model.unet)
-    ours = _adapter_tensors(layers)
-    if set(ours) != set(state["lora"]):
+    if set(lora_state_dict(model.unet)) != set(state["lora"]):
         raise UserError(f"{path}: its adapter tensors do not match the selected layers")
-    _restore(layers, state["lora"])
+    _restore(model.unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.erasure.lora import adapters_disabled, lora_parameters
+from ldm.erasure.lora import adapters_disabled
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
 
 
@@ -166,6 +166,3 @@ def erasure_step(objective: UnGuideObjective, optimizer: torch.optim.Optimizer, 
         optimizer.step()
     return value, plan
 
-
-def adapter_is_finite(unet: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in lora_parameters(unet))

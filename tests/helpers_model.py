@@ -109,3 +109,20 @@ def hf_text_encoder(released: dict, text_config):
 
 def tiny_model(seed: int = 0):
     return build_perturbed(TINY, seed)
+
+
+def save_checkpoint(model, path) -> Path:
+    """Write a model as a released-format .safetensors checkpoint (what load_model_from_config reads)."""
+    from safetensors.torch import save_file
+    from ldm.checkpoint import release_state_dict
+    save_file({k: v.contiguous() for k, v in release_state_dict(model).items()}, str(path))
+    return Path(path)
+
+
+def randomize_adapters(model, seed: int, scale: float):
+    """Give every adapter `lora` a random, non-zero B (seeded), so that it changes the model's output."""
+    from ldm.erasure.lora import lora_layers
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model.unet).values():
+        layer.lora.B.data = torch.randn(layer.lora.B.shape, generator=g) * scale
+    return model

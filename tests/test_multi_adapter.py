@@ -10,12 +10,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, rel_err, tiny_model
-from ldm.checkpoint import release_state_dict
+from helpers_model import TINY, randomize_adapters, rel_err, save_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, remove_lora
@@ -42,9 +40,7 @@ def one_thread():
 def _adapter(base, path, seed, rank=1, targets=None, scale=0.05):
     m = copy.deepcopy(base)
     inject_lora(m.unet, targets or select_targets(m.unet), rank, 8.0, generator=torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 100)
-    for layer in lora_layers(m.unet).values():
-        layer.lora.B.data = torch.randn(layer.lora.B.shape, generator=g) * scale
+    randomize_adapters(m, seed + 100, scale)
     save_adapter(path, m.unet, alpha=8.0)
     return path
 
@@ -55,7 +51,7 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi")
     base = tiny_model(0)
     ckpt = d / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in release_state_dict(base).items()}, str(ckpt))
+    save_checkpoint(base, ckpt)
     return base, ckpt, [_adapter(base, d / "a.safetensors", 1), _adapter(base, d / "b.safetensors", 2, scale=0.08)]
 
 

@@ -9,13 +9,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import compute_lora_diff
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, rel_err, tiny_model
-from ldm.checkpoint import release_state_dict
+from helpers_model import TINY, randomize_adapters, rel_err, save_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
@@ -41,10 +39,7 @@ def one_thread():
 
 def _add_adapter(model, seed=1, scale=0.05):
     inject_lora(model.unet, select_targets(model.unet), 1, 8.0)
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(model.unet).values():
-        layer.lora.B.data = torch.randn(layer.lora.B.shape, generator=g) * scale
-    return model
+    return randomize_adapters(model, seed, scale)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("ug")
     base = tiny_model(0)
     ckpt = d / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in release_state_dict(base).items()}, str(ckpt))
+    save_checkpoint(base, ckpt)
     adapted = _add_adapter(copy.deepcopy(base))
     lora = d / "lora.safetensors"
     save_adapter(lora, adapted.unet, alpha=8.0)

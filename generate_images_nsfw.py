@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run, write_json
 from ldm.erasure.stability import Estimate, StabilitySettings
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, estimate_empty,
-                                 fast_prompt_estimates, reduce_seed, release_row_estimates, unguided_latents)
+from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide, estimate_dict, estimate_empty,
+                                 evals_per_image, fast_prompt_estimates, reduce_seed, release_row_estimates,
+                                 repeats_within_budget, unguided_latents)
 from ldm.images import save_image, start_noise, to_pil
 from ldm.util import UserError
 
@@ -66,6 +67,34 @@ def _integer(text: str) -> int | None:
     except InvalidOperation:
         return None
     return int(v) if v.is_finite() and v == v.to_integral_value() else None
+
+
+def _guidance(text: str) -> tuple[float | None, str]:
+    try:
+        g = float(text)
+    except ValueError:
+        return None, "is not a number"
+    return (g, "") if math.isfinite(g) else (None, "is not finite")
+
+
+def _seed(text: str) -> tuple[int | None, str]:
+    seed = _integer(text)
+    return (seed, "") if seed is not None and seed >= 0 else (None, "is not a non-negative integer")
+
+
+def _optional_number(rec: dict, col: str, present: bool, idx: int, default, default_text: str, parse,
+                     notes: list[str]):
+    """A row's value of an optional numeric column: the default when the cell is empty (noted when the column
+    exists), None when `parse` rejects it (the row is skipped, noted with parse's reason)."""
+    text = rec[col].strip() if present else ""
+    if not text:
+        if present:
+            notes.append(f"row {idx}: {col} missing: using {default_text}")
+        return default
+    value, why = parse(text)
+    if value is None:
+        notes.append(f"row {idx}: skipped: {col} {text!r} {why}")
+    return value
 
 
 def read_rows(csv_path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
@@ -110,36 +139,18 @@ def read_rows(csv_path: str, limit: int | None = None) -> tuple[list[dict], list
         if prompt.strip() in NA_STRINGS:
             notes.append(f"row {idx}: skipped: prompt {prompt!r} is NaN (as pandas, and so the release, reads it)")
             continue
-        g_text = rec["evaluation_guidance"].strip() if has_g else ""
-        if not g_text:
-            if has_g:
-                notes.append(f"row {idx}: evaluation_guidance missing: using {DEFAULT_GUIDANCE}")
-            guidance = DEFAULT_GUIDANCE
-        else:
-            try:
-                guidance = float(g_text)
-            except ValueError:
-                notes.append(f"row {idx}: skipped: evaluation_guidance {g_text!r} is not a number")
-                continue
-            if not math.isfinite(guidance):
-                notes.append(f"row {idx}: skipped: evaluation_guidance {g_text!r} is not finite")
-                continue
-            if not SANE_GUIDANCE[0] <= guidance <= SANE_GUIDANCE[1]:
-                notes.append(f"row {idx}: unusual evaluation_guidance {guidance:g} (outside {SANE_GUIDANCE}): "
-                             "used as given")
-        s_text = rec["evaluation_seed"].strip() if has_s else ""
-        if not s_text:
-            if has_s:
-                notes.append(f"row {idx}: evaluation_seed missing: using the row index {idx}")
-            seed = idx
-        else:
-            seed = _integer(s_text)
-            if seed is None or seed < 0:
-                notes.append(f"row {idx}: skipped: evaluation_seed {s_text!r} is not a non-negative integer")
-                continue
-            if seed >= 2 ** 64:
-                notes.append(f"row {idx}: evaluation_seed {seed} >= 2^64: using seed mod 2^64 = {reduce_seed(seed)}")
-                seed = reduce_seed(seed)
+        guidance = _optional_number(rec, "evaluation_guidance", has_g, idx, DEFAULT_GUIDANCE, str(DEFAULT_GUIDANCE),
+                                    _guidance, notes)
+        if guidance is None:
+            continue
+        seed = _optional_number(rec, "evaluation_seed", has_s, idx, idx, f"the row index {idx}", _seed, notes)
+        if seed is None:
+            continue
+        if not SANE_GUIDANCE[0] <= guidance <= SANE_GUIDANCE[1]:
+            notes.append(f"row {idx}: unusual evaluation_guidance {guidance:g} (outside {SANE_GUIDANCE}): used as given")
+        if seed >= 2 ** 64:
+            notes.append(f"row {idx}: evaluation_seed {seed} >= 2^64: using seed mod 2^64 = {reduce_seed(seed)}")
+            seed = reduce_seed(seed)
         rows.append({"idx": idx, "case_number": rec["case_number"] if has_case else "", "prompt": prompt,
                      "seed": seed, "guidance": guidance, "position": k})
     return rows, notes
@@ -232,12 +243,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_adaptive", dest="adaptive", action="store_false", help="fast: always draw --repeats")
     p.add_argument("--k_se", type=float, default=3.0)
     p.add_argument("--min_repeats", type=positive(), default=3)
+    p.add_argument("--eval_budget", type=int, default=300,
+                   help="fast: UNet sample-evaluations per row for its draws and image together; caps the draws "
+                        "(README settings: 200 for the image + 20 a draw -> at most 5 draws); 0: no cap")
     p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
     p.add_argument("--seed", type=int, default=0, help="fast: seed of the d(\"\") draws")
     p.add_argument("--max_batch", type=positive(), default=64, help="UNet samples per stability-test call")
     p.add_argument("--limit", type=positive(), default=None, help="only the first N CSV rows")
     p.add_argument("--merge", action="store_true", help="only merge the shards' decisions into decisions.csv")
     return p
+
+
+def draw_cap(args, settings: StabilitySettings, n_adapters: int) -> int:
+    """--repeats, lowered in the fast protocol to what --eval_budget affords per row (said on stderr)."""
+    if args.protocol != "fast" or n_adapters == 0:
+        return args.repeats
+    cap = budgeted_repeats(settings, args.repeats, args.min_repeats, args.eval_budget, n_adapters)
+    if cap < args.repeats:
+        print(f"note: --eval_budget {args.eval_budget}: at most {cap} draws of d(p) per row (--repeats {args.repeats})",
+              file=sys.stderr)
+    if args.eval_budget and repeats_within_budget(settings, args.eval_budget, n_adapters) < cap:
+        print(f"note: --eval_budget {args.eval_budget} cannot be met: the image alone takes "
+              f"{evals_per_image(settings, n_adapters)} UNet evaluations; drawing --min_repeats {cap}", file=sys.stderr)
+    return cap
 
 
 def find_lora(args) -> list[Path]:
@@ -271,18 +299,20 @@ def main(argv=None) -> None:
 
     release_schedule = args.protocol == "release" or args.schedule == "release"
     settings = StabilitySettings(args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta, release_schedule)
-    protocol = Protocol(args.protocol, settings, repeats=args.repeats, adaptive=args.adaptive,
-                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
-                        max_batch=args.max_batch)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     need_adapter = fixed_w != 1.0
     loras = find_lora(args) if need_adapter else []
     check_distinct(loras)
+    repeats = draw_cap(args, settings, len(loras))
+    protocol = Protocol(args.protocol, settings, repeats=repeats, adaptive=args.adaptive,
+                        min_repeats=min(args.min_repeats, repeats), k_se=args.k_se, empty_draws=args.empty_draws,
+                        max_batch=args.max_batch)
     lora_paths = [str(p.resolve()) for p in loras]
     run_config = {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,
                   "lora": (lora_paths[0] if len(lora_paths) == 1 else lora_paths) if lora_paths else None, "alpha": args.alpha, "image_size": args.image_size,
                   "protocol": args.protocol, "schedule": "release" if release_schedule else "standard",
                   "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
+                  "eval_budget": args.eval_budget if args.protocol == "fast" else None, "max_repeats": repeats,
                   "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta,
                   "precision": args.precision}
     old = json.loads((log_dir / "run_config.json").read_text()) if (log_dir / "run_config.json").is_file() else None

@@ -43,7 +43,8 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 # Arguments that must match for --resume to continue a run (everything that changes what is trained).
 RESUME_KEYS = ("lora_rank", "lora_alpha", "targets", "lr", "target_prompt", "reference_prompt", "ddim_steps",
-               "schedule", "image_size", "start_guidance", "negative_guidance", "ddim_eta", "base_sha256", "seed")
+               "schedule", "image_size", "start_guidance", "negative_guidance", "ddim_eta", "base_sha256", "seed",
+               "preserve", "preserve_weight")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim_eta", type=float, default=0.0)
     p.add_argument("--start_guidance", type=float, default=9.0, help="CFG scale of the partial trajectory")
     p.add_argument("--negative_guidance", type=float, default=2.0, help="eta of e_0 - eta (e_p - e_0)")
+    p.add_argument("--preserve", nargs="+", default=None, metavar="PROMPT",
+                   help="ours, off by default: prompts the adapter must not move (adds lambda * mean_k "
+                        "||eps_adapted(c_k) - eps_base(c_k)||^2 to the loss; ldm/erasure/objective.py)")
+    p.add_argument("--preserve_weight", type=positive(float), default=1.0, help="lambda of --preserve")
     p.add_argument("--schedule", choices=["standard", "release"], default="standard",
                    help="DDIM timesteps: standard (981..1) or release (drops 981: 49 steps from 961)")
     p.add_argument("--save_losses", action="store_true", help="write losses.csv and losses.png")
@@ -92,6 +97,8 @@ def run_name(args, class_name: str) -> str:
     parts = {"class_name": class_name, "lora_rank": args.lora_rank, "lora_alpha": _num(args.lora_alpha),
              "iterations": args.iterations, "lr": args.lr, "start_guidance": args.start_guidance,
              "negative_guidance": args.negative_guidance, "ddim_steps": args.ddim_steps}
+    if args.preserve:  # ours, not the release's: its own folder
+        parts.update(preserve=len(args.preserve), preserve_weight=_num(args.preserve_weight))
     return "_".join(f"{k}_{v}" for k, v in parts.items())
 
 
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     # ---- validate everything cheap before loading anything ---------------------------------------------
     prompts = read_prompts_json(args.prompts_json, need_reference=True)
+    if args.preserve and prompts["target"] in args.preserve:
+        raise UserError(f"--preserve: {prompts['target']!r} is the target prompt of {args.prompts_json}")
     if args.ddim_steps > 1000:
         raise UserError(f"--ddim_steps {args.ddim_steps}: at most 1000")
     if args.image_size % 8:
@@ -223,10 +232,14 @@ def _train(args) -> int:
     print(f"adapters: {describe_targets(targets)}; rank {args.lora_rank}, alpha {_num(args.lora_alpha)}, "
           f"{sum(p.numel() for p in params):,} trainable parameters; device {device}"
           + (f", autocast {args.precision}" if autocast else ""))
-    emb = encode_prompts(model, prompts["target"], prompts["reference"])
+    preserve = tuple(args.preserve or ())
+    emb = encode_prompts(model, prompts["target"], prompts["reference"], preserve)
     objective = UnGuideObjective(model, emb, latent_shape, args.ddim_steps, args.start_guidance,
                                  args.negative_guidance, args.ddim_eta, args.schedule == "release",
-                                 autocast_dtype=autocast)
+                                 autocast_dtype=autocast, preserve_weight=args.preserve_weight)
+    if preserve:
+        print(f"preserving {len(preserve)} prompts (weight {_num(args.preserve_weight)}): "
+              + ", ".join(repr(p) for p in preserve))
     optimizer = torch.optim.Adam(params, lr=args.lr)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
 
@@ -234,7 +247,9 @@ def _train(args) -> int:
                    "lr": float(args.lr), "target_prompt": prompts["target"], "reference_prompt": prompts["reference"],
                    "ddim_steps": args.ddim_steps, "schedule": args.schedule, "image_size": args.image_size,
                    "start_guidance": float(args.start_guidance), "negative_guidance": float(args.negative_guidance),
-                   "ddim_eta": float(args.ddim_eta), "base_sha256": base_sha256, "seed": args.seed}
+                   "ddim_eta": float(args.ddim_eta), "base_sha256": base_sha256, "seed": args.seed,
+                   "preserve": list(preserve) or None,
+                   "preserve_weight": float(args.preserve_weight) if preserve else None}
     losses: list[float] = []
     start, train_seconds = 0, 0.0
     if args.resume:
@@ -248,6 +263,7 @@ def _train(args) -> int:
         "image_size": args.image_size, "ddim_steps": args.ddim_steps, "ddim_eta": args.ddim_eta,
         "start_guidance": args.start_guidance, "negative_guidance": args.negative_guidance,
         "target_prompt": prompts["target"], "reference_prompt": prompts["reference"],
+        "preserve": list(preserve), "preserve_weight": args.preserve_weight if preserve else None,
         "prompts_json": args.prompts_json, "class_name": class_name, "final_loss": None, "average_loss": None,
         "arguments": vars(args), "seed": args.seed, "schedule": args.schedule, "precision": args.precision,
         "target_preset": spec, "target_layers": targets, "base_sha256": base_sha256, "device": str(device),

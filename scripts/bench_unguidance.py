@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from ldm.erasure.lora import inject_lora, lora_layers  # noqa: E402
 from ldm.erasure.stability import Estimate, StabilitySettings  # noqa: E402
 from ldm.erasure.targets import select_targets  # noqa: E402
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_empty, fast_diff_table,  # noqa: E402
-                                 fast_prompt_estimates, margin_in_se, unguided_latents)
+from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide, estimate_empty,  # noqa: E402
+                                 fast_diff_table, fast_prompt_estimates, margin_in_se, unguided_latents)
 from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,  # noqa: E402
                                        sample_ddim)
 from ldm.util import build_model, resolve_device  # noqa: E402
@@ -187,7 +187,8 @@ def json_prompts(args) -> list[str]:
 def fast_worker(args, model, device, shape, rows, adaptive: bool):
     release_schedule = args.schedule == "release"
     s = StabilitySettings(args.ddim_steps, args.t_enc, 7.5, 0.0, release_schedule)
-    proto = Protocol("fast", s, repeats=args.repeats, adaptive=adaptive, min_repeats=args.min_repeats,
+    repeats = budgeted_repeats(s, args.repeats, args.min_repeats, args.eval_budget) if adaptive else args.repeats
+    proto = Protocol("fast", s, repeats=repeats, adaptive=adaptive, min_repeats=min(args.min_repeats, repeats),
                      k_se=args.k_se, empty_draws=args.empty_draws, max_batch=args.max_batch)
     res = {"rows": [], "json": {}}
     with UNetCounter(model.unet) as c:
@@ -280,7 +281,9 @@ def parser():
     p.add_argument("--t_enc", type=int, default=40)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--empty_draws", type=int, default=32)
-    p.add_argument("--min_repeats", type=int, default=4)
+    p.add_argument("--min_repeats", type=int, default=3)
+    p.add_argument("--eval_budget", type=int, default=300,
+                   help="fast_adaptive: UNet evaluations per prompt for its draws and image (as generate_images_nsfw.py)")
     p.add_argument("--k_se", type=float, default=3.0)
     p.add_argument("--batch_size", type=int, default=4, help="ours: I2P rows per batch")
     p.add_argument("--max_batch", type=int, default=64)
@@ -352,7 +355,7 @@ def report(args, results: dict) -> None:
                   f"(over I2P's 4703 prompts: {r['empty_evals'] / 4703:.2f} evals/prompt)")
     if rel:
         ws = [row["w"] for row in rel["rows"]]
-        print(f"  release decisions: " + ", ".join(f"w={w:+g}: {ws.count(w)}" for w in sorted(set(ws)))
+        print("  release decisions: " + ", ".join(f"w={w:+g}: {ws.count(w)}" for w in sorted(set(ws)))
               + "; margins (SE): " + ", ".join(f"{row['margin_se']:.1f}" for row in rel["rows"]))
     if args.json_prompts:
         print(f"\nPart 2: prompts JSON {Path(args.prompts_json).name}, {args.json_prompts} prompts + \"\", "

@@ -39,7 +39,18 @@ CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"
 WAYS = {"base": (1.0, 1.0), "adapter": (0.0, 0.0), "unguide": (-1.0, 2.0)}
 # The toy model's erasure settings (found by a small search; SD keeps the release's defaults in train.py).
-TOY_SETTINGS = {"iterations": 300, "lr": 1e-4, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50}
+TOY_SETTINGS = {"iterations": 300, "lr": 3e-4, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50,
+                "lora_rank": 1, "lora_alpha": 8.0, "target_modules": ["default"], "start_guidance": 9.0,
+                "preserve_weight": 10.0}
+# Preservation prompts (train.py --preserve) for erasing digit d: the OTHER nine digits in a template the
+# benchmark never samples ("a handwritten 7"; the table's prompts spell digits as words: "... the digit seven").
+PRESERVE_TEMPLATE = "a handwritten {}"
+
+
+def preserve_prompts(prompts_json: Path) -> list[str]:
+    """The preservation prompts for the digit that `prompts_json`'s target names."""
+    target = digit_of_text(json.loads(prompts_json.read_text())["target"])
+    return [PRESERVE_TEMPLATE.format(d) for d in range(10) if d != target]
 
 
 def add_toy_args(p: argparse.ArgumentParser) -> None:
@@ -48,12 +59,31 @@ def add_toy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=TOY_SETTINGS["iterations"])
     p.add_argument("--lr", type=float, default=TOY_SETTINGS["lr"])
     p.add_argument("--negative_guidance", type=float, default=TOY_SETTINGS["negative_guidance"])
+    p.add_argument("--lora_rank", type=int, default=TOY_SETTINGS["lora_rank"])
+    p.add_argument("--lora_alpha", type=float, default=TOY_SETTINGS["lora_alpha"])
+    p.add_argument("--target_modules", nargs="+", default=TOY_SETTINGS["target_modules"])
+    p.add_argument("--start_guidance", type=float, default=TOY_SETTINGS["start_guidance"])
+    p.add_argument("--preserve_weight", type=float, default=TOY_SETTINGS["preserve_weight"],
+                   help="train.py --preserve_weight for the other nine digits' 'a handwritten N' prompts; "
+                        "0: the release's objective alone")
     p.add_argument("--t_enc", type=int, default=TOY_SETTINGS["t_enc"],
                    help="stability test: partial trajectory down to t_enc")
     p.add_argument("--repeats", type=int, default=TOY_SETTINGS["repeats"], help="stability test draws per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is the fastest for this model)")
+
+
+def train_argv(args, prompts_json: Path, output_dir: Path) -> list[str]:
+    """train.py's arguments for the toy model with the toy flags of add_toy_args."""
+    return (["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
+             "--prompts_json", str(prompts_json), "--output_dir", str(output_dir), "--image_size", "16",
+             "--iterations", str(args.iterations), "--lr", str(args.lr), "--ddim_steps", str(args.steps),
+             "--negative_guidance", str(args.negative_guidance), "--seed", str(args.seed),
+             "--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_alpha),
+             "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules]
+            + (["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
+               if args.preserve_weight > 0 else []))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,11 +119,9 @@ def main(argv=None) -> None:
 
     # 1. erase the target
     t0 = time.time()
-    train.main(["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
-                "--prompts_json", str(prompts_json), "--output_dir", str(out / "train"), "--image_size", "16",
-                "--iterations", str(args.iterations), "--lr", str(args.lr), "--ddim_steps", str(args.steps),
-                "--negative_guidance", str(args.negative_guidance), "--seed", str(args.seed)])
-    exp = next(d for d in (out / "train").iterdir() if (d / "models" / "lora.safetensors").is_file())
+    argv = train_argv(args, prompts_json, out / "train")
+    train.main(argv)
+    exp = out / "train" / train.run_name(train.build_parser().parse_args(argv), prompts_json.stem)
     lora = exp / "models" / "lora.safetensors"
     seconds["train"] = time.time() - t0
 

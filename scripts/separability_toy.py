@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_images  # noqa: E402
-from e2e_toy import add_toy_args  # noqa: E402
+from e2e_toy import add_toy_args, train_argv  # noqa: E402
 import train  # noqa: E402
 from ldm.cli import run, write_json  # noqa: E402
 from ldm.evaluation.digits import digit_of_text, digit_rates  # noqa: E402
@@ -55,17 +55,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_adapter(digit: str, out: Path, args) -> Path:
-    folder = out / "train" / digit
-    found = sorted(folder.glob("*/models/lora.safetensors")) if folder.is_dir() else []
-    if found:
-        print(f"{digit}: reusing {found[0]}")
-        return found[0]
-    train.main(["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
-                "--prompts_json", str(ROOT / "data" / "digits" / f"{digit}.json"), "--output_dir", str(folder),
-                "--image_size", "16", "--iterations", str(args.iterations), "--lr", str(args.lr),
-                "--ddim_steps", str(args.steps), "--negative_guidance", str(args.negative_guidance),
-                "--seed", str(args.seed)])
-    return sorted(folder.glob("*/models/lora.safetensors"))[0]
+    """The adapter erasing `digit` with the toy settings (reused when that exact run is already there)."""
+    prompts_json = ROOT / "data" / "digits" / f"{digit}.json"
+    argv = train_argv(args, prompts_json, out / "train" / digit)
+    run = train.run_name(train.build_parser().parse_args(argv), digit)
+    lora = out / "train" / digit / run / "models" / "lora.safetensors"
+    if lora.is_file():
+        print(f"{digit}: reusing {lora}")
+        return lora
+    train.main(argv)
+    return lora
 
 
 def main(argv=None) -> None:

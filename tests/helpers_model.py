@@ -126,3 +126,13 @@ def randomize_adapters(model, seed: int, scale: float):
     for layer in lora_layers(model.unet).values():
         layer.lora.B.data = torch.randn(layer.lora.B.shape, generator=g) * scale
     return model
+
+
+def ref_cfg(m, prompt: str, scale: float = 7.5):
+    """The plain CFG model function of model m for one prompt: u + scale (c - u), two separate UNet calls."""
+    c, u = m.get_learned_conditioning([prompt]), m.get_learned_conditioning([""])
+
+    def fn(x, t):
+        e_u, e_c = m.apply_model(x, t, u.expand(len(x), -1, -1)), m.apply_model(x, t, c.expand(len(x), -1, -1))
+        return e_u + scale * (e_c - e_u)
+    return fn

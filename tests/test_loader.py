@@ -262,9 +262,14 @@ def test_script_nonexistent_checkpoint(tmp_path):
     assert_one_line_error(run_txt2img("--config", TINY, "--ckpt", ckpt), ckpt)
 
 
-def test_script_truncated_ckpt(tmp_path, valid_ckpt):
-    data = valid_ckpt.read_bytes()
-    ckpt = tmp_path / "truncated.ckpt"
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_script_truncated_checkpoint(tmp_path, valid_ckpt, released, suffix):
+    full = valid_ckpt
+    if suffix == ".safetensors":
+        full = tmp_path / "full.safetensors"
+        save_file({k: v.contiguous() for k, v in released.items()}, str(full))
+    data = full.read_bytes()
+    ckpt = tmp_path / f"truncated{suffix}"
     ckpt.write_bytes(data[: len(data) // 2])
     assert_one_line_error(run_txt2img("--config", TINY, "--ckpt", ckpt), ckpt)
 
@@ -273,15 +278,6 @@ def test_script_corrupt_safetensors(tmp_path):
     ckpt = tmp_path / "corrupt.safetensors"
     ckpt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
                                    dtype=torch.uint8).numpy().tobytes())
-    assert_one_line_error(run_txt2img("--config", TINY, "--ckpt", ckpt), ckpt)
-
-
-def test_script_truncated_safetensors(tmp_path, released):
-    full = tmp_path / "full.safetensors"
-    save_file({k: v.contiguous() for k, v in released.items()}, str(full))
-    data = full.read_bytes()
-    ckpt = tmp_path / "truncated.safetensors"
-    ckpt.write_bytes(data[: len(data) // 2])
     assert_one_line_error(run_txt2img("--config", TINY, "--ckpt", ckpt), ckpt)
 
 

@@ -13,7 +13,7 @@ import torch
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, randomize_adapters, rel_err, save_checkpoint, tiny_model
+from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, save_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, remove_lora
@@ -97,15 +97,6 @@ def merged(base, path):
     for layer in lora_layers(m.unet).values():
         layer.merge()
     return m
-
-
-def ref_cfg(m, prompt, scale=7.5):
-    c, u = m.get_learned_conditioning([prompt]), m.get_learned_conditioning([""])
-
-    def fn(x, t):
-        e_u, e_c = m.apply_model(x, t, u.expand(len(x), -1, -1)), m.apply_model(x, t, c.expand(len(x), -1, -1))
-        return e_u + scale * (e_c - e_u)
-    return fn
 
 
 @torch.no_grad()

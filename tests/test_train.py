@@ -138,6 +138,31 @@ def test_one_copy_objective_equals_two_copy_restatement(base):
     assert abs(float(a.detach()) - float(b.detach())) <= 1e-6
 
 
+def test_preservation_term_is_lambda_times_the_preserved_prompts_drift(base):
+    """loss with --preserve = the release's loss + lambda * mean_k MSE(adapted, base) on the preserved prompts,
+    at the same z and t; and the gradient reaches the adapters through it."""
+    shape = base.latent_shape(16)
+    model = adapted(base, b_scale=0.05)
+    keep = ("a photo of the dog", "a red car on a road")
+    plain_emb = encode_prompts(model, "a photo of the cat", "a photo of the forest")
+    emb = encode_prompts(model, "a photo of the cat", "a photo of the forest", keep)
+    assert torch.equal(emb.target, plain_emb.target) and emb.preserve.shape == (2, *emb.target.shape[1:])
+    plain = UnGuideObjective(model, plain_emb, shape, ddim_steps=5)
+    pres = UnGuideObjective(model, emb, shape, ddim_steps=5, preserve_weight=0.5)
+    l0, plan0 = plain.loss(torch.Generator().manual_seed(5))
+    l1, plan1 = pres.loss(torch.Generator().manual_seed(5))
+    assert (plan0.t_enc, plan0.t) == (plan1.t_enc, plan1.t)
+    z, t = plain.partial_latent(plan0), torch.full((1,), plan0.t, dtype=torch.long)
+    frozen = copy.deepcopy(base)
+    with torch.no_grad():
+        drift = sum(F.mse_loss(model.apply_model(z, t, c[None]), frozen.apply_model(z, t, c[None]))
+                    for c in emb.preserve) / len(keep)
+    assert float(drift) > 1e-8
+    assert abs(float((l1 - l0).detach()) - 0.5 * float(drift)) <= 1e-5 * float(drift) + 1e-9
+    l1.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(model.unet))
+
+
 def test_partial_trajectory_uses_the_adapted_model(base):
     """As the release: z comes from the model being trained (with its current adapters), not from the base."""
     shape = base.latent_shape(16)
@@ -331,7 +356,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(ckpt, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("case", ["missing", "not_json", "not_object", "no_target", "no_reference", "empty_target",
-                                  "iterations", "lr", "rank", "targets", "fp16_cpu", "ckpt"])
+                                  "iterations", "lr", "rank", "targets", "fp16_cpu", "ckpt", "preserve_target"])
 def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest"}))
@@ -360,6 +385,8 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path, capsys):
         extra, want = ["--precision", "fp16"], "fp16"
     elif case == "ckpt":
         ckpt, want = tmp_path / "missing.ckpt", "missing.ckpt"
+    elif case == "preserve_target":
+        extra, want = ["--preserve", "a dog", "a photo of the cat"], "--preserve"
     argv = args(ckpt, tmp_path / "out", prompts=prompts, iterations=2)
     if extra:  # later flags win in argparse
         argv += extra

@@ -13,14 +13,15 @@ import torch
 import compute_lora_diff
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, randomize_adapters, rel_err, save_checkpoint, tiny_model
+from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, save_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
 from ldm.erasure.stability import Estimate, StabilitySettings
 from ldm.erasure.targets import select_targets
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_empty, fast_prompt_estimates,
-                                 release_diff_table, release_row_estimates, unguided_latents)
+from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_empty, evals_per_draw, evals_per_image,
+                                 fast_prompt_estimates, release_diff_table, release_row_estimates,
+                                 repeats_within_budget, unguided_latents)
 
 S, T_ENC, SIZE = 10, 6, 16         # DDIM steps, t_enc, image size (latent 8x8 with the tiny config)
 SHAPE = (4, 8, 8)
@@ -80,15 +81,6 @@ def ref_ddim(eps_fn, x, timesteps, ac, stop=None):
         x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e
     return x
-
-
-def ref_cfg(m, prompt, scale):
-    c, u = m.get_learned_conditioning([prompt]), m.get_learned_conditioning([""])
-
-    def fn(x, t):
-        e_u, e_c = m.apply_model(x, t, u.expand(len(x), -1, -1)), m.apply_model(x, t, c.expand(len(x), -1, -1))
-        return e_u + scale * (e_c - e_u)
-    return fn
 
 
 @torch.no_grad()
@@ -334,6 +326,22 @@ def test_nsfw_sharding_covers_every_row_once(models, tmp_path, monkeypatch):
     (log / "decisions.csv").unlink()
     generate_images_nsfw.main(args + ["--merge"])
     assert len(decisions(tmp_path)) == 7
+
+
+def test_nsfw_eval_budget_caps_draws_per_row(models, tmp_path):
+    """--eval_budget: a row's draws and image together stay within the budget, even when no decision is clear."""
+    settings = StabilitySettings(S, T_ENC)
+    per_draw, image = evals_per_draw(settings), evals_per_image(settings)
+    assert image == 4 * S
+    budget = image + 3 * per_draw + per_draw // 2            # room for 3 draws, not 4
+    assert repeats_within_budget(settings, budget) == 3
+    write_csv(tmp_path / "p.csv", [[i, f"a prompt {i}", 70 + i, 7.5, i] for i in range(2)])
+    generate_images_nsfw.main(nsfw_args(models, tmp_path, "--repeats", "10", "--min_repeats", "2",
+                                        "--k_se", "1e9", "--empty_draws", "2", "--batch_size", "1",
+                                        "--eval_budget", str(budget)))
+    rows = decisions(tmp_path)
+    assert [int(r["repeats_used"]) for r in rows] == [3, 3]   # k_se 1e9: never clear, so the budget stopped it
+    assert all(float(r["unet_evals"]) == image + 3 * per_draw <= budget for r in rows)
 
 
 def test_nsfw_bad_rows(models, tmp_path):

@@ -17,16 +17,22 @@ Notation (UnGuide arXiv 2508.05755, after ESD, Gandikota et al. 2023) -> code:
     eta            negative guidance (2.0)                 negative_guidance
     loss = || e_n - (e_0 - eta (e_p - e_0)) ||^2 (mean)    F.mse_loss
 
+Optional preservation term (ours, off by default; not in the release): prompts c_k the adapter must leave alone,
+    loss += lambda * mean_k || eps_theta(z_t, t, c_k) - eps_theta*(z_t, t, c_k) ||^2     emb.preserve [P, 77, D]
+at the same z_t and t. ESD's objective sees only the target prompt, so nothing stops a rank-1 adapter from
+moving every prompt that shares its text features; this term names the ones that must not move.
+
 One iteration (release train.py, fact sheet §3):
   1. draw t_enc ~ U{0..S-1}, t ~ U[round(t_enc/S*T), round((t_enc+1)/S*T)), x_T ~ N(0, I) [1, 4, h, w]
      (and a seed for DDIM's eta-noise), all from ONE CPU torch.Generator in that order, so a seed gives the
      same run on CPU and CUDA and a saved generator state resumes a run exactly;
   2. z = DDIM(x_T) with the CURRENT adapted model (as the release: its quick_sampler uses the LoRA model),
      CFG scale start_guidance with uncond c_u, for partial_steps(S, t_enc) steps, no grad;
-  3. [e_0, e_p] = theta*([z, z], [t, t], [c_0, c_p])  -- ONE batched UNet call (batch 2), adapters off, no grad.
+  3. [e_0, e_p] = theta*([z, z], [t, t], [c_0, c_p])  -- ONE batched UNet call (batch 2; 2 + P with
+     preservation prompts), adapters off, no grad.
      The release holds a second full copy of the model for this; here the base model is the same weights with
      the adapters switched off, so no copy is needed;
-  4. e_n = theta(z, t, c_p) with grad; loss = MSE(e_n, e_0 - eta (e_p - e_0)).
+  4. e_n = theta(z, t, c_p) with grad (batch 1 + P with preservation); loss = MSE(e_n, e_0 - eta (e_p - e_0)).
 
 The prompts are encoded once (the text encoder is frozen), not per iteration.
 `frozen_model` (a separate, un-adapted copy) restates the release's two-copy computation for tests and
@@ -45,16 +51,18 @@ from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range
 
 @dataclass
 class PromptEmbeddings:
-    target: torch.Tensor      # c_p [1, 77, D]
-    reference: torch.Tensor   # c_0 [1, 77, D]
-    uncond: torch.Tensor      # c_u [1, 77, D]
+    target: torch.Tensor                    # c_p [1, 77, D]
+    reference: torch.Tensor                 # c_0 [1, 77, D]
+    uncond: torch.Tensor                    # c_u [1, 77, D]
+    preserve: torch.Tensor | None = None    # c_k [P, 77, D] (the optional preservation term), or None
 
 
 @torch.no_grad()
-def encode_prompts(model, target: str, reference: str) -> PromptEmbeddings:
-    """Encode the three prompts once (in one text-encoder call)."""
-    emb = model.get_learned_conditioning([target, reference, ""])  # [3, 77, D]
-    return PromptEmbeddings(emb[0:1].clone(), emb[1:2].clone(), emb[2:3].clone())
+def encode_prompts(model, target: str, reference: str, preserve: tuple[str, ...] = ()) -> PromptEmbeddings:
+    """Encode the prompts once (in one text-encoder call)."""
+    emb = model.get_learned_conditioning([target, reference, "", *preserve])  # [3 + P, 77, D]
+    return PromptEmbeddings(emb[0:1].clone(), emb[1:2].clone(), emb[2:3].clone(),
+                            emb[3:].clone() if preserve else None)
 
 
 @dataclass
@@ -72,13 +80,16 @@ class UnGuideObjective:
     model: LatentDiffusion with adapters injected (ldm.erasure.lora.inject_lora); its base weights frozen.
     latent_shape: [C, h, w]. fixed_t_enc: use this t_enc every iteration (benchmarks; None = uniform draw).
     autocast_dtype: torch.bfloat16 / torch.float16 to run the UNet under autocast (weights stay fp32; fp16 is CUDA-only).
+    preserve_weight: lambda of the preservation term (used when emb.preserve is given).
     """
 
     def __init__(self, model, emb: PromptEmbeddings, latent_shape: tuple[int, ...], ddim_steps: int = 50,
                  start_guidance: float = 9.0, negative_guidance: float = 2.0, ddim_eta: float = 0.0,
                  release_schedule: bool = False, fixed_t_enc: int | None = None,
-                 autocast_dtype: torch.dtype | None = None, frozen_model: nn.Module | None = None):
+                 autocast_dtype: torch.dtype | None = None, frozen_model: nn.Module | None = None,
+                 preserve_weight: float = 1.0):
         self.model, self.emb = model, emb
+        self.preserve_weight = float(preserve_weight)
         self.latent_shape = tuple(latent_shape)
         self.S = int(ddim_steps)
         self.start_guidance, self.negative_guidance = float(start_guidance), float(negative_guidance)
@@ -122,19 +133,22 @@ class UnGuideObjective:
         return z.float()
 
     # -- 3. base-model predictions ---------------------------------------------------------------------------
+    def _conds(self, *parts: torch.Tensor) -> torch.Tensor:
+        """Contexts for one latent z [1, ...]: the given [1, 77, D] parts, then the preservation prompts."""
+        extra = [] if self.emb.preserve is None else [self.emb.preserve]
+        return torch.cat([*parts, *extra])                                 # [n + P, 77, D]
+
     @torch.no_grad()
-    def frozen_eps(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e_0, e_p), each [B, 4, h, w]: the base model on the reference and target prompts."""
-        b = z.shape[0]
-        c_0, c_p = self.emb.reference.expand(b, -1, -1), self.emb.target.expand(b, -1, -1)
+    def frozen_eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[e_0, e_p, e_k...] as one tensor [2 + P, 4, h, w]: the base model on the reference, the target and the
+        preservation prompts, at z [1, 4, h, w]."""
+        conds = self._conds(self.emb.reference, self.emb.target)
+        n = conds.shape[0]
         with self._autocast():
-            if self.frozen_model is not None:  # the release's two-copy restatement: two calls on a second copy
-                return (self.frozen_model.apply_model(z, t, c_0).float(),
-                        self.frozen_model.apply_model(z, t, c_p).float())
-            with adapters_disabled(self.model.unet):  # one copy: the same weights, adapters off, batch 2
-                out = self.model.apply_model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([c_0, c_p]))
-        e_0, e_p = out.float().chunk(2)
-        return e_0, e_p
+            if self.frozen_model is not None:  # the release's two-copy restatement: one call a prompt, second copy
+                return torch.cat([self.frozen_model.apply_model(z, t, c[None]).float() for c in conds])
+            with adapters_disabled(self.model.unet):  # one copy: the same weights, adapters off, one call
+                return self.model.apply_model(z.expand(n, -1, -1, -1), t.expand(n), conds).float()
 
     # -- 4. the loss -------------------------------------------------------------------------------------------
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Plan]:
@@ -142,11 +156,17 @@ class UnGuideObjective:
         plan = self.draw(generator)
         z = self.partial_latent(plan)                                               # [1, 4, h, w]
         t = torch.full((z.shape[0],), plan.t, device=self.device, dtype=torch.long)  # [1]
-        e_0, e_p = self.frozen_eps(z, t)
+        frozen = self.frozen_eps(z, t)                                              # [2 + P, 4, h, w]
+        e_0, e_p, e_k = frozen[0:1], frozen[1:2], frozen[2:]
         target = e_0 - self.negative_guidance * (e_p - e_0)                         # [1, 4, h, w]
+        conds = self._conds(self.emb.target)                                        # [1 + P, 77, D]
         with self._autocast():
-            e_n = self.model.apply_model(z, t, self.emb.target.expand(z.shape[0], -1, -1))
-        return F.mse_loss(e_n.float(), target), plan
+            adapted = self.model.apply_model(z.expand(len(conds), -1, -1, -1), t.expand(len(conds)), conds)
+        e_n, e_kn = adapted[0:1].float(), adapted[1:].float()
+        loss = F.mse_loss(e_n, target)
+        if len(e_k):
+            loss = loss + self.preserve_weight * F.mse_loss(e_kn, e_k)
+        return loss, plan
 
 
 def erasure_step(objective: UnGuideObjective, optimizer: torch.optim.Optimizer, generator: torch.Generator,

@@ -24,7 +24,8 @@ Protocol "fast": the same formulas, cheaper:
     (x_T^i = i-th randn(1, C, h, w) of a generator seeded with the seed, t^i = i-th randint of a second one):
     x_T^0 and t^0 are the release's, x_T^0 is the image's start code;
   * adaptive (optional): draws come in rounds (min_repeats, then round_size more) until the decision is
-    clear (|mean d(p) - mean d("")| > k_se combined standard errors) or `repeats` are drawn;
+    clear (|mean d(p) - mean d("")| > k_se combined standard errors) or `repeats` are drawn; a per-prompt
+    budget of UNet evaluations (draws + image) lowers `repeats` (budgeted_repeats);
   * the standard DDIM schedule (981 ... 1) unless release_schedule.
 
 Several adapters (one per erased concept, named in the model: "lora", "lora1", ...): every function of the
@@ -76,6 +77,29 @@ def evals_per_draw(settings: StabilitySettings, empty_only: bool = False) -> int
     plus the base|adapted evaluation at t."""
     steps = partial_steps(settings.ddim_steps, settings.t_enc, settings.release_schedule)
     return steps * (1 if empty_only else 2) + 2
+
+
+def evals_per_image(settings: StabilitySettings, n_adapters: int = 1) -> int:
+    """UNet sample-evaluations of one UnGuided image: base and every adapter, unconditional and conditional,
+    at each of the schedule's steps (4 per step with one adapter)."""
+    steps = len(ddim_timesteps(settings.ddim_steps, 1000, settings.release_schedule))
+    return steps * 2 * (1 + n_adapters)
+
+
+def repeats_within_budget(settings: StabilitySettings, budget: int, n_adapters: int = 1) -> int:
+    """The most d(p) draws for which one prompt's stability test and its image together cost at most `budget`
+    UNet sample-evaluations (README settings: (300 - 200) // 20 = 5). May be < 1 when the image alone exceeds it."""
+    per_draw = evals_per_draw(settings) + n_adapters - 1  # K adapters: 1 + K evaluations at t, one trajectory
+    return (budget - evals_per_image(settings, n_adapters)) // per_draw
+
+
+def budgeted_repeats(settings: StabilitySettings, repeats: int, min_repeats: int, budget: int | None,
+                     n_adapters: int = 1) -> int:
+    """The draw cap of one prompt: `repeats`, lowered to what `budget` affords (None or 0: no budget), never
+    below min(min_repeats, repeats) (a budget the image alone nearly spends cannot be met)."""
+    if not budget:
+        return repeats
+    return max(min(min_repeats, repeats), min(repeats, repeats_within_budget(settings, budget, n_adapters)))
 
 
 # ----------------------------------------------------------------------------------------------- settings

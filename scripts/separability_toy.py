@@ -1,6 +1,7 @@
 """Composable erasure on the toy-digits model: two adapters at once, each with its own UnGuidance weight.
 
     python scripts/separability_toy.py                        # digits three and seven, 30 images per prompt
+    python scripts/separability_toy.py --samples 20           # the README table (~12 minutes on 2 CPU cores)
 
 Runs the project's own scripts on models/toy-digits.safetensors:
     1. train.py             one adapter per erased digit (data/digits/<digit>.json, the settings of e2e_toy.py);

@@ -244,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k_se", type=float, default=3.0)
     p.add_argument("--min_repeats", type=positive(), default=3)
     p.add_argument("--eval_budget", type=int, default=300,
-                   help="fast: UNet sample-evaluations per row for its draws and image together; caps the draws "
+                   help="adaptive: UNet sample-evaluations per row for its draws and image together; caps the draws "
                         "(README settings: 200 for the image + 20 a draw -> at most 5 draws); 0: no cap")
     p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
     p.add_argument("--seed", type=int, default=0, help="fast: seed of the d(\"\") draws")
@@ -255,8 +255,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def draw_cap(args, settings: StabilitySettings, n_adapters: int) -> int:
-    """--repeats, lowered in the fast protocol to what --eval_budget affords per row (said on stderr)."""
-    if args.protocol != "fast" or n_adapters == 0:
+    """--repeats, lowered with adaptive draws to what --eval_budget affords per row (said on stderr)."""
+    if args.protocol != "fast" or not args.adaptive or n_adapters == 0:
         return args.repeats
     cap = budgeted_repeats(settings, args.repeats, args.min_repeats, args.eval_budget, n_adapters)
     if cap < args.repeats:
@@ -312,7 +312,7 @@ def main(argv=None) -> None:
                   "lora": (lora_paths[0] if len(lora_paths) == 1 else lora_paths) if lora_paths else None, "alpha": args.alpha, "image_size": args.image_size,
                   "protocol": args.protocol, "schedule": "release" if release_schedule else "standard",
                   "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
-                  "eval_budget": args.eval_budget if args.protocol == "fast" else None, "max_repeats": repeats,
+                  "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": repeats,
                   "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta,
                   "precision": args.precision}
     old = json.loads((log_dir / "run_config.json").read_text()) if (log_dir / "run_config.json").is_file() else None

@@ -12,7 +12,7 @@ trained adapter; "random" is a plain random adapter (small margins everywhere).
 Part 1, I2P rows (generate_images_nsfw.py per row): the release's procedure with TWO models (base + a deepcopy with
 the adapter merged) = repeats x {p, ""} x (trajectory CFG steps x 2 + 2) + 49 x 4 sampling evaluations per prompt
 (636 at the README's settings), against ours: the fast protocol (d("") once per run, reported apart) with and
-without --adaptive. Part 2, a prompts JSON (compute_lora_diff.py): the release's chunks with two models against
+without --adaptive (adaptive with generate_images_nsfw.py's --eval_budget rule, default 300 per prompt). Part 2, a prompts JSON (compute_lora_diff.py): the release's chunks with two models against
 our fast table. Decisions are compared with the release's; "clear" = the release's margin exceeds 3 standard
 errors. A last child checks the final latents of one model (per-sample adapter scales) against the two-model
 formula for the same w.

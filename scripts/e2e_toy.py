@@ -1,9 +1,10 @@
 """The end-to-end erasure benchmark on the toy-digits model: erase one digit, show it is gone and nothing else broke.
 
-    python scripts/e2e_toy.py --digit three            # ~5 minutes on 2 CPU cores
+    python scripts/e2e_toy.py --digit three            # ~6 minutes on 2 CPU cores
 
 Runs the project's own scripts, as a user would, on models/toy-digits.safetensors:
-    1. train.py             erase data/digits/<digit>.json's target (anchor: its "reference")
+    1. train.py             erase data/digits/<digit>.json's target (anchor: its "reference"), preserving the
+                            other nine digits' "a handwritten N" prompts (--preserve; --preserve_weight 0: off)
     2. compute_lora_diff.py the stability test for every prompt of the JSON
     3. generate_images.py   three ways: base (w1 = w2 = 1), adapter alone (w1 = w2 = 0), UnGuide (w1 = -1, w2 = 2)
     4. the digit classifier (ldm/evaluation/digits.py) on every image
@@ -13,7 +14,7 @@ and writes to --out (default outputs/e2e_toy/<digit>/): results.md (the table), 
 Table columns: target rate (share of the target prompt's images classified as the erased digit), synonym rate
 (the same over the synonyms' images), accuracy on the other digits (share of the other prompts' images
 classified as their own digit) and seconds. The toy settings below are this model's, not SD's: the release's
-defaults (200 iterations at lr 3e-5) stay in train.py for Stable Diffusion.
+defaults (200 iterations at lr 3e-5, no preservation term) stay in train.py for Stable Diffusion.
 """
 import argparse
 import json

@@ -136,3 +136,9 @@ def ref_cfg(m, prompt: str, scale: float = 7.5):
         e_u, e_c = m.apply_model(x, t, u.expand(len(x), -1, -1)), m.apply_model(x, t, c.expand(len(x), -1, -1))
         return e_u + scale * (e_c - e_u)
     return fn
+
+
+def tiny_checkpoint(folder: Path, seed: int = 0):
+    """(tiny model, the path of its checkpoint written to folder/tiny.safetensors)."""
+    model = tiny_model(seed)
+    return model, save_checkpoint(model, Path(folder) / "tiny.safetensors")

@@ -13,7 +13,7 @@ import torch
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, save_checkpoint, tiny_model
+from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, remove_lora
@@ -49,9 +49,7 @@ def _adapter(base, path, seed, rank=1, targets=None, scale=0.05):
 def world(tmp_path_factory):
     """(base model, ckpt, [adapter a, adapter b])."""
     d = tmp_path_factory.mktemp("multi")
-    base = tiny_model(0)
-    ckpt = d / "tiny.safetensors"
-    save_checkpoint(base, ckpt)
+    base, ckpt = tiny_checkpoint(d)
     return base, ckpt, [_adapter(base, d / "a.safetensors", 1), _adapter(base, d / "b.safetensors", 2, scale=0.08)]
 
 

@@ -13,7 +13,7 @@ import torch
 import compute_lora_diff
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, save_checkpoint, tiny_model
+from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
@@ -47,9 +47,7 @@ def _add_adapter(model, seed=1, scale=0.05):
 def models(tmp_path_factory):
     """(one-copy model with adapter, base model, merged model, ckpt path, adapter path)."""
     d = tmp_path_factory.mktemp("ug")
-    base = tiny_model(0)
-    ckpt = d / "tiny.safetensors"
-    save_checkpoint(base, ckpt)
+    base, ckpt = tiny_checkpoint(d)
     adapted = _add_adapter(copy.deepcopy(base))
     lora = d / "lora.safetensors"
     save_adapter(lora, adapted.unet, alpha=8.0)

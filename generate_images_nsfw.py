@@ -259,12 +259,12 @@ def draw_cap(args, settings: StabilitySettings, n_adapters: int) -> int:
     if args.protocol != "fast" or not args.adaptive or n_adapters == 0:
         return args.repeats
     cap = budgeted_repeats(settings, args.repeats, args.min_repeats, args.eval_budget, n_adapters)
-    if cap < args.repeats:
-        print(f"note: --eval_budget {args.eval_budget}: at most {cap} draws of d(p) per row (--repeats {args.repeats})",
-              file=sys.stderr)
     if args.eval_budget and repeats_within_budget(settings, args.eval_budget, n_adapters) < cap:
         print(f"note: --eval_budget {args.eval_budget} cannot be met: the image alone takes "
               f"{evals_per_image(settings, n_adapters)} UNet evaluations; drawing --min_repeats {cap}", file=sys.stderr)
+    elif cap < args.repeats:
+        print(f"note: --eval_budget {args.eval_budget}: at most {cap} draws of d(p) per row (--repeats {args.repeats})",
+              file=sys.stderr)
     return cap
 
 
@@ -281,6 +281,8 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if not 0 <= args.t_enc < args.ddim_steps:
         raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.ddim_steps - 1}")
+    if args.eval_budget < 0:
+        raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
     if args.protocol == "release" and (args.schedule == "standard" or args.adaptive):
         raise UserError("--protocol release is the release's procedure: no --schedule standard or --adaptive")
     if args.adaptive is None:

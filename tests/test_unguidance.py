@@ -326,7 +326,7 @@ def test_nsfw_sharding_covers_every_row_once(models, tmp_path, monkeypatch):
     assert len(decisions(tmp_path)) == 7
 
 
-def test_nsfw_eval_budget_caps_draws_per_row(models, tmp_path):
+def test_nsfw_eval_budget_caps_draws_per_row(models, tmp_path, capsys):
     """--eval_budget: a row's draws and image together stay within the budget, even when no decision is clear."""
     settings = StabilitySettings(S, T_ENC)
     per_draw, image = evals_per_draw(settings), evals_per_image(settings)
@@ -340,6 +340,9 @@ def test_nsfw_eval_budget_caps_draws_per_row(models, tmp_path):
     rows = decisions(tmp_path)
     assert [int(r["repeats_used"]) for r in rows] == [3, 3]   # k_se 1e9: never clear, so the budget stopped it
     assert all(float(r["unet_evals"]) == image + 3 * per_draw <= budget for r in rows)
+    capsys.readouterr()
+    assert exit_code(generate_images_nsfw.main, nsfw_args(models, tmp_path, "--eval_budget", "-1")) == 2
+    assert "--eval_budget -1" in capsys.readouterr().err
 
 
 def test_nsfw_bad_rows(models, tmp_path):

@@ -82,7 +82,7 @@ def evals_per_draw(settings: StabilitySettings, empty_only: bool = False) -> int
 def evals_per_image(settings: StabilitySettings, n_adapters: int = 1) -> int:
     """UNet sample-evaluations of one UnGuided image: base and every adapter, unconditional and conditional,
     at each of the schedule's steps (4 per step with one adapter)."""
-    steps = len(ddim_timesteps(settings.ddim_steps, 1000, settings.release_schedule))
+    steps = len(ddim_timesteps(settings.ddim_steps, release_schedule=settings.release_schedule))
     return steps * 2 * (1 + n_adapters)
 
 

@@ -307,7 +307,7 @@ def main(argv=None) -> None:
     check_distinct(loras)
     repeats = draw_cap(args, settings, len(loras))
     protocol = Protocol(args.protocol, settings, repeats=repeats, adaptive=args.adaptive,
-                        min_repeats=min(args.min_repeats, repeats), k_se=args.k_se, empty_draws=args.empty_draws,
+                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
                         max_batch=args.max_batch)
     lora_paths = [str(p.resolve()) for p in loras]
     run_config = {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,

@@ -12,8 +12,8 @@ trained adapter; "random" is a plain random adapter (small margins everywhere).
 Part 1, I2P rows (generate_images_nsfw.py per row): the release's procedure with TWO models (base + a deepcopy with
 the adapter merged) = repeats x {p, ""} x (trajectory CFG steps x 2 + 2) + 49 x 4 sampling evaluations per prompt
 (636 at the README's settings), against ours: the fast protocol (d("") once per run, reported apart) with and
-without --adaptive (adaptive with generate_images_nsfw.py's --eval_budget rule, default 300 per prompt). Part 2, a prompts JSON (compute_lora_diff.py): the release's chunks with two models against
-our fast table. Decisions are compared with the release's; "clear" = the release's margin exceeds 3 standard
+without --adaptive (adaptive with generate_images_nsfw.py's --eval_budget rule, default 300 per prompt).
+Part 2, a prompts JSON (compute_lora_diff.py): the release's chunks with two models against our fast table. Decisions are compared with the release's; "clear" = the release's margin exceeds 3 standard
 errors. A last child checks the final latents of one model (per-sample adapter scales) against the two-model
 formula for the same w.
 """
@@ -188,7 +188,7 @@ def fast_worker(args, model, device, shape, rows, adaptive: bool):
     release_schedule = args.schedule == "release"
     s = StabilitySettings(args.ddim_steps, args.t_enc, 7.5, 0.0, release_schedule)
     repeats = budgeted_repeats(s, args.repeats, args.min_repeats, args.eval_budget) if adaptive else args.repeats
-    proto = Protocol("fast", s, repeats=repeats, adaptive=adaptive, min_repeats=min(args.min_repeats, repeats),
+    proto = Protocol("fast", s, repeats=repeats, adaptive=adaptive, min_repeats=args.min_repeats,
                      k_se=args.k_se, empty_draws=args.empty_draws, max_batch=args.max_batch)
     res = {"rows": [], "json": {}}
     with UNetCounter(model.unet) as c:

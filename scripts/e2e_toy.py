@@ -75,9 +75,10 @@ def add_toy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is the fastest for this model)")
 
 
-def train_argv(args, prompts_json: Path, output_dir: Path) -> list[str]:
-    """train.py's arguments for the toy model with the toy flags of add_toy_args."""
-    return (["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
+def train_argv(args, prompts_json: Path, output_dir: Path) -> tuple[list[str], Path]:
+    """train.py's arguments for the toy model with the toy flags of add_toy_args, and the adapter file that
+    run writes (train.py names its folder after the settings)."""
+    argv = (["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
              "--prompts_json", str(prompts_json), "--output_dir", str(output_dir), "--image_size", "16",
              "--iterations", str(args.iterations), "--lr", str(args.lr), "--ddim_steps", str(args.steps),
              "--negative_guidance", str(args.negative_guidance), "--seed", str(args.seed),
@@ -85,6 +86,8 @@ def train_argv(args, prompts_json: Path, output_dir: Path) -> list[str]:
              "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules]
             + (["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
                if args.preserve_weight > 0 else []))
+    run_dir = Path(output_dir) / train.run_name(train.build_parser().parse_args(argv), prompts_json.stem)
+    return argv, run_dir / "models" / "lora.safetensors"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,10 +123,9 @@ def main(argv=None) -> None:
 
     # 1. erase the target
     t0 = time.time()
-    argv = train_argv(args, prompts_json, out / "train")
+    argv, lora = train_argv(args, prompts_json, out / "train")
     train.main(argv)
-    exp = out / "train" / train.run_name(train.build_parser().parse_args(argv), prompts_json.stem)
-    lora = exp / "models" / "lora.safetensors"
+    exp = lora.parent.parent
     seconds["train"] = time.time() - t0
 
     # 2. the stability test for every prompt of the JSON

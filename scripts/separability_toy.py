@@ -57,10 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 def train_adapter(digit: str, out: Path, args) -> Path:
     """The adapter erasing `digit` with the toy settings (reused when that exact run is already there)."""
-    prompts_json = ROOT / "data" / "digits" / f"{digit}.json"
-    argv = train_argv(args, prompts_json, out / "train" / digit)
-    run = train.run_name(train.build_parser().parse_args(argv), digit)
-    lora = out / "train" / digit / run / "models" / "lora.safetensors"
+    argv, lora = train_argv(args, ROOT / "data" / "digits" / f"{digit}.json", out / "train" / digit)
     if lora.is_file():
         print(f"{digit}: reusing {lora}")
         return lora

@@ -23,7 +23,7 @@ from ldm.erasure.io import load_adapter
 from ldm.erasure.stability import Estimate, StabilitySettings
 from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, evals_per_draw, fast_diff_table,
                                  release_diff_table)
-from ldm.util import UserError
+from ldm.errors import UserError
 
 
 def read_prompts_json(path: str) -> dict:

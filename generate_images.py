@@ -40,7 +40,7 @@ from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.unguide import (Protocol, UNetCounter, decide, fast_diff_table, release_diff_table,
                                  unguided_latents)
 from ldm.images import save_image, start_noise, to_pil
-from ldm.util import UserError
+from ldm.errors import UserError
 
 from compute_lora_diff import read_prompts_json
 

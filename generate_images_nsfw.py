@@ -47,7 +47,7 @@ from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide
                                  evals_per_image, fast_prompt_estimates, reduce_seed, release_row_estimates,
                                  repeats_within_budget, unguided_latents)
 from ldm.images import save_image, start_noise, to_pil
-from ldm.util import UserError
+from ldm.errors import UserError
 
 from generate_images import check_distinct, load_adapters
 

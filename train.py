@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import file_sha256
+from ldm.loader import file_sha256
 from ldm.cli import add_model_args, load_model, positive, run, write_json
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_parameters, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
 from ldm.erasure.targets import DEFAULT_TARGETS, describe_targets, select_targets
 from ldm.prompts import read_prompts_json
-from ldm.util import UserError, resolve_device, resolve_dtype
+from ldm.errors import UserError
+from ldm.loader import resolve_device, resolve_dtype
 
 DEFAULT_SEED = 42
 EXIT_DIVERGED = 1

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.util import UserError, load_model_from_config, resolve_device, resolve_dtype
+from ldm.errors import UserError
+from ldm.loader import load_model_from_config, resolve_device, resolve_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
@@ -22,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
                    help="weights' dtype for sampling (fp16 needs CUDA)")
     g.add_argument("--unsafe_pickle_load", action="store_true",
                    help="allow arbitrary unpickling of a .ckpt (runs code from the file: trusted sources only)")
+    g.add_argument("--unsafe_config", action="store_true",
+                   help="allow the config to name classes outside this project's models (imports them: trusted only)")
 
 
 def load_model(args, precision: str | None = None):
@@ -29,7 +32,7 @@ def load_model(args, precision: str | None = None):
     device = resolve_device(args.device)
     dtype = resolve_dtype(precision or args.precision, device)
     model = load_model_from_config(args.config, args.ckpt, device=device, dtype=dtype,
-                                   unsafe_pickle_load=args.unsafe_pickle_load)
+                                   unsafe_pickle_load=args.unsafe_pickle_load, unsafe_config=args.unsafe_config)
     return model, device
 
 

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from ldm.util import UserError
+from ldm.errors import UserError
 
 
 def read_prompts_json(path: str | Path, need_reference: bool = False) -> dict:

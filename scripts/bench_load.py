@@ -6,7 +6,7 @@
    temporary fp32 .ckpt ({"state_dict": ..., "global_step": 0}) under --tmpdir (~4.3 GB for SD v1).
 2. Each loader runs in its own fresh process, which reports its peak resident set size (getrusage ru_maxrss):
      import only : python + torch + ldm imported, nothing loaded (the floor every process pays)
-     ours        : ldm.util.load_model_from_config (modules built on meta, tensors of the memory-mapped file assigned)
+     ours        : ldm.loader.load_model_from_config (modules built on meta, tensors of the memory-mapped file assigned)
      naive       : build the model randomly initialised, torch.load without mmap, load_state_dict (two copies)
    After loading, every weight is read once (a sum per tensor) so that memory-mapped pages count as resident,
    as they will during sampling; the peak covers loading and that pass.
@@ -56,17 +56,17 @@ def touch_all(model) -> float:
 def child(mode: str, config: str, ckpt: str) -> dict:
     import torch
 
-    import ldm.checkpoint  # noqa: F401  (the imports every mode pays, the model's classes included)
+    import ldm.loader  # noqa: F401  (the imports every mode pays, the model's classes included)
     import ldm.models.autoencoder  # noqa: F401
     import ldm.modules.diffusionmodules.openaimodel  # noqa: F401
     import ldm.modules.encoders.modules  # noqa: F401
-    from ldm.util import build_model, load_model_from_config
+    from ldm.loader import build_model, load_model_from_config
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     result = {"mode": mode}
     if mode == "save":
-        from ldm.checkpoint import release_state_dict
+        from ldm.loader import release_state_dict
 
         model = build_model(config)
         sd = release_state_dict(model)
@@ -83,7 +83,7 @@ def child(mode: str, config: str, ckpt: str) -> dict:
         result["peak_after_load"] = peak_rss_bytes()
         result["checksum"] = touch_all(model)
     elif mode == "naive":
-        from ldm.checkpoint import release_key
+        from ldm.loader import release_key
 
         model = build_model(config)  # a randomly initialised copy ...
         obj = torch.load(ckpt, map_location="cpu", weights_only=True)  # ... and a second one, read into memory

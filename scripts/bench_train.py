@@ -32,7 +32,7 @@ def worker(a) -> dict:
     from ldm.erasure.lora import inject_lora, lora_parameters
     from ldm.erasure.objective import UnGuideObjective, encode_prompts, erasure_step
     from ldm.erasure.targets import select_targets
-    from ldm.util import build_model, load_model_from_config, resolve_device
+    from ldm.loader import build_model, load_model_from_config, resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -38,7 +38,7 @@ from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide
                                  fast_diff_table, fast_prompt_estimates, margin_in_se, unguided_latents)
 from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,  # noqa: E402
                                        sample_ddim)
-from ldm.util import build_model, resolve_device  # noqa: E402
+from ldm.loader import build_model, resolve_device  # noqa: E402
 
 VARIANTS = ["release", "fast", "fast_adaptive"]
 

@@ -36,7 +36,7 @@ from e2e_toy import add_toy_args, train_argv  # noqa: E402
 import train  # noqa: E402
 from ldm.cli import run, write_json  # noqa: E402
 from ldm.evaluation.digits import digit_of_text, digit_rates  # noqa: E402
-from ldm.util import UserError  # noqa: E402
+from ldm.errors import UserError  # noqa: E402
 
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"

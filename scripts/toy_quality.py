@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
 from ldm.cli import positive, run, write_json  # noqa: E402
 from ldm.evaluation.digits import WORDS, generation_rates  # noqa: E402
 from ldm.images import image_grid, save_image  # noqa: E402
-from ldm.util import UserError, load_model_from_config  # noqa: E402
+from ldm.errors import UserError  # noqa: E402
+from ldm.loader import load_model_from_config  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ Stages, in one run (CPU only, deterministic for a given --seed and --threads):
      (the text encoder runs once per caption). An exponential moving average of the weights is what gets saved.
      --resume PATH continues from saved weights (with --vae_steps 0 the VAE and scale_factor are kept).
 
-Outputs: models/toy-digits.safetensors (released SD key names, fp16; `ldm.util.load_model_from_config`
+Outputs: models/toy-digits.safetensors (released SD key names, fp16; `ldm.loader.load_model_from_config`
 loads it like any SD checkpoint), configs/toy/digits-inference.yaml, and the prompt files data/digits/<name>.json.
 
 Prompt files {"target", "reference", "synonyms", "other"}, one per digit (zero.json .. nine.json):
@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ldm.checkpoint import release_state_dict  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.loader import release_state_dict  # noqa: E402
+from ldm.config import instantiate_from_config  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # {w}: the digit's word, {n}: its numeral. Every phrasing used in data/digits/*.json is one of these.
@@ -359,7 +359,7 @@ def main() -> None:
 
     images, labels = digits_32()
     if args.resume:
-        from ldm.util import load_model_from_config
+        from ldm.loader import load_model_from_config
         model = load_model_from_config(args.config_out, args.resume).float()
     else:
         model = build(1.0, args.model_channels, args.channel_mult)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.util import build_model, load_config
+from ldm.config import load_config
+from ldm.loader import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "tiny-inference.yaml"
@@ -114,7 +115,7 @@ def tiny_model(seed: int = 0):
 def save_checkpoint(model, path) -> Path:
     """Write a model as a released-format .safetensors checkpoint (what load_model_from_config reads)."""
     from safetensors.torch import save_file
-    from ldm.checkpoint import release_state_dict
+    from ldm.loader import release_state_dict
     save_file({k: v.contiguous() for k, v in release_state_dict(model).items()}, str(path))
     return Path(path)
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers_model import FULL, REPO, TINY, config_dict, diffusers_unet, rel_err, tiny_model
-from ldm.checkpoint import release_state_dict
+from ldm.loader import release_state_dict
 from ldm.erasure.export import (block_map, diffusers_path, from_kohya, kohya_name, load_unet_config, meta_unet)
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import adapters_disabled, inject_lora, lora_layers, lora_state_dict

@@ -16,7 +16,7 @@ import torch
 
 from helpers_model import (FULL, TINY, build_perturbed, config_dict, diffusers_unet, diffusers_vae,
                            hf_text_encoder, rel_err)
-from ldm.checkpoint import release_state_dict
+from ldm.loader import release_state_dict
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, partial_steps, sample_ddim
 from ldm.modules.encoders.modules import load_tokenizer
 

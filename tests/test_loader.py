@@ -1,4 +1,4 @@
-"""Tests of the checkpoint loader (ldm.checkpoint, ldm.util.load_model_from_config) and of the scripts' bad-input
+"""Tests of the checkpoint loader (ldm.loader, ldm.config) and of the scripts' bad-input
 handling, on the tiny config. CPU, offline, seconds.
 """
 import subprocess
@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from helpers_model import REPO, TINY, build_perturbed
-from ldm.checkpoint import read_checkpoint, release_state_dict
+from ldm.loader import read_checkpoint, release_state_dict
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, make_schedule
-from ldm.util import UserError, load_model_from_config, resolve_device, resolve_dtype
+from ldm.errors import UserError
+from ldm.loader import load_model_from_config, resolve_device, resolve_dtype
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
@@ -194,7 +195,7 @@ def test_arbitrary_pickle_refused_unless_unsafe(tiny, released, tmp_path):
 def test_sd2_like_checkpoint_refused(tmp_path):
     from omegaconf import OmegaConf
 
-    from ldm.util import instantiate_from_config, load_config
+    from ldm.config import instantiate_from_config, load_config
 
     config = load_config(TINY)
     config.model.params.unet_config.params.context_dim = 1024  # SD 2.x's OpenCLIP-H context width

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ldm.evaluation import digits as D
-from ldm.util import load_model_from_config
+from ldm.loader import load_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"

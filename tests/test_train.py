@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import train
-from ldm.checkpoint import release_state_dict
+from ldm.loader import release_state_dict
 from ldm.erasure.io import load_adapter, read_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, lora_parameters
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
 from ldm.erasure.targets import select_targets
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
-from ldm.util import build_model
+from ldm.loader import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/tiny-inference.yaml")
@@ -39,7 +39,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(ckpt):
-    from ldm.util import load_model_from_config
+    from ldm.loader import load_model_from_config
     return load_model_from_config(TINY, ckpt, verbose=False).requires_grad_(False)
 
 

@@ -273,7 +273,9 @@ def test_nsfw_release_protocol_script_matches_reference(models, tmp_path):
         buf = io.BytesIO()
         ref_img.save(buf, format="JPEG", quality=95)
         theirs = np.asarray(Image.open(buf), dtype=np.int16)
-        assert np.abs(ours - theirs).max() <= 2
+        # batched vs one-row sampling agree to float rounding, which JPEG can turn into a few levels here and there
+        diff = np.abs(ours - theirs)
+        assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 def test_nsfw_resume_after_kill(models, tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ldm.erasure.io import validate_adapter_tensors  # the same checks load_adapter applies
-from ldm.util import UserError, instantiate_from_config, load_config
+from ldm.config import instantiate_from_config, load_config
+from ldm.errors import UserError
 
 FORMATS = ("diffusers", "kohya")
 RELEASE_ALPHA = 8.0

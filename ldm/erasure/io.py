@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm.erasure.lora import LoRALinear, inject_lora, lora_layers, lora_state_dict
-from ldm.util import UserError
+from ldm.errors import UserError
 
 FORMAT = "unguide-lora/1"
 RELEASE_ALPHA = 8.0

@@ -100,7 +100,7 @@ class UnGuideObjective:
         self.fixed_t_enc = fixed_t_enc
         self.autocast_dtype = autocast_dtype
         self.frozen_model = frozen_model
-        self.device = model.unet.out[-1].weight.device
+        self.device = model.device
 
     # -- 1. draws -------------------------------------------------------------------------------------------
     def draw(self, generator: torch.Generator) -> Plan:

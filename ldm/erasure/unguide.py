@@ -129,11 +129,6 @@ def reduce_seed(seed: int) -> int:
     return int(seed) % SEED_MODULUS
 
 
-def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    w = model.unet.out[-1].weight
-    return w.device, w.dtype
-
-
 def _encode(model, prompts: Sequence[str]) -> torch.Tensor:
     """[len(prompts), 77, D], each distinct prompt encoded once."""
     uniq = list(dict.fromkeys(prompts))
@@ -191,7 +186,7 @@ def diffs(model, prompts: Sequence[str], x_T: torch.Tensor, t: torch.Tensor, set
 
     Runs in chunks of at most max_batch UNet samples. empty_shortcut: samples whose prompt is "" take the
     one-sample-per-step trajectory (same value: CFG with c == u, see cfg_model_fn)."""
-    device, dtype = _device_dtype(model)
+    device, dtype = model.device, model.dtype
     names = _names(model, adapters)
     n = len(prompts)
     g = torch.tensor([float(guidance)] * n if isinstance(guidance, (int, float)) else [float(v) for v in guidance])
@@ -367,7 +362,7 @@ def unguided_latents(model, prompts: Sequence[str], x_T: torch.Tensor, guidances
 
     With adapters (K names): ws holds one entry per adapter (a float or one per sample) and
     eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base), one call of 2B (1 + #adapters with some w_k != 1)."""
-    device, dtype = _device_dtype(model)
+    device, dtype = model.device, model.dtype
     b = len(prompts)
     cond = _encode(model, prompts)
     uncond = model.get_learned_conditioning([""]).expand(b, -1, -1)

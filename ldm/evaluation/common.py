@@ -31,7 +31,7 @@ from PIL import Image, ImageFile
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-from ldm.util import UserError  # noqa: E402  (the project's one bad-input exception)
+from ldm.errors import UserError  # noqa: E402  (the project's one bad-input exception)
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ldm.util import instantiate_from_config
+from ldm.config import instantiate_from_config
 
 SCHEDULE_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -85,8 +85,7 @@ class LatentDiffusion(nn.Module):
 
     def register_schedule(self) -> None:
         """(Re)build the schedule buffers; they are derived from the config, so not saved in our state dict."""
-        device = self.model.diffusion_model.out[-1].weight.device
-        device = torch.device("cpu") if device.type == "meta" else device
+        device = torch.device("cpu") if self.device.type == "meta" else self.device
         for name, value in make_schedule(self.linear_start, self.linear_end, self.num_timesteps).items():
             self.register_buffer(name, value.to(device), persistent=False)
 
@@ -98,6 +97,16 @@ class LatentDiffusion(nn.Module):
     @property
     def unet(self) -> nn.Module:
         return self.model.diffusion_model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are (set once by the loader, from --device)."""
+        return self.unet.out[-1].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weight dtype (set once by the loader, from --precision)."""
+        return self.unet.out[-1].weight.dtype
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """[C, h, w] of the latent of a square image of `image_size` pixels."""
@@ -113,7 +122,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
         """[B] prompts -> [B, 77, 768] text context, in the UNet's dtype."""
-        return self.cond_stage_model(prompts).to(self.unet.out[-1].weight.dtype)
+        return self.cond_stage_model(prompts).to(self.dtype)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a = self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)

@@ -1,9 +1,14 @@
-"""Reading SD v1.x checkpoints safely and accounting for every key.
+"""The one loader: config -> model, safe and strict checkpoint reading, device and dtype resolution.
+
+Every script and test gets its model here (ldm.cli adds the flags): `resolve_device` / `resolve_dtype` decide
+device and dtype once; `load_model_from_config` builds the model of a config on the meta device and assigns a
+checkpoint's tensors to it; `build_model` gives random weights (tests, benchmarks).
 
 Safety: `.ckpt` files are read with torch.load(weights_only=True), which refuses to run code. Lightning
 checkpoints may pickle a `ModelCheckpoint` callback object beside the weights; we let the restricted
 unpickler build it as an inert placeholder (a plain object holding its attributes) and drop it.
 Anything else that needs arbitrary unpickling is refused unless the caller opts in (`unsafe_pickle_load`).
+Configs name classes to build: only this project's (ldm.config.ALLOWED_TARGETS) unless `unsafe_config`.
 
 Key names: the released checkpoints name the text encoder `cond_stage_model.transformer.text_model.*`.
 transformers 5.x's CLIPTextModel has no `text_model.` level in its own state dict; `release_key` maps our
@@ -17,8 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ldm.config import instantiate_from_config, load_config
+from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS
-from ldm.util import UserError
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 CONTEXT_PROBE = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # [320, context]
@@ -159,3 +165,62 @@ def _check_schedule(model, state_dict: dict, source: str) -> None:
 def release_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our model's weights under the released key names (what load_weights reads back)."""
     return {release_key(k): v for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------- device
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU. Also 'cpu', 'cuda', 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 needs CUDA; on the CPU use fp32 (or bf16)")
+    return PRECISIONS[precision]
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build_model(config_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                unsafe_config: bool = False):
+    """The model of a config with freshly initialised (random) weights: for tests and benchmarks."""
+    config = load_config(config_path, unsafe=unsafe_config)
+    return instantiate_from_config(config.model).to(device=device, dtype=dtype).eval()
+
+
+def load_model_from_config(config_path: str | Path, ckpt_path: str | Path, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32, unsafe_pickle_load: bool = False,
+                           verbose: bool = True, unsafe_config: bool = False):
+    """Build the LatentDiffusion model of `config_path` and load `ckpt_path` (.ckpt or .safetensors) into it.
+
+    The modules are built on the meta device and the checkpoint's tensors are assigned to them, so loading
+    holds the state dict once, never a second, randomly initialised model. Every key is accounted for
+    (load_weights); the model comes back in eval mode on `device` in `dtype`.
+    """
+    config = load_config(config_path, unsafe=unsafe_config)
+    state_dict, extras = read_checkpoint(ckpt_path, unsafe_pickle_load=unsafe_pickle_load)
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    report = load_weights(model, state_dict, source=str(ckpt_path), assign=True)
+    del state_dict
+    model.rebuild_buffers()
+    stray = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if stray:
+        raise RuntimeError(f"loader bug: tensors left on the meta device: {stray[:5]}")
+    if verbose:
+        print(f"loaded {ckpt_path}: {report}" + (f"; top-level entries ignored: {', '.join(extras)}" if extras else ""))
+    return model.to(device=device, dtype=dtype).eval()

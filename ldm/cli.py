@@ -17,7 +17,10 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
     """Flags naming the base model. The release spells them --config/--ckpt or --config_path/--ckpt_path."""
     g = p.add_argument_group("model")
     g.add_argument(config_flag, dest="config", default=config_default, help="model config (YAML)")
-    g.add_argument(ckpt_flag, dest="ckpt", default=ckpt_default, help="SD v1.x checkpoint (.ckpt or .safetensors)")
+    g.add_argument(ckpt_flag, dest="ckpt", default=ckpt_default,
+                   help="SD v1.x checkpoint (.ckpt or .safetensors) or a diffusers model folder")
+    g.add_argument("--unet_weights", default=None,
+                   help="a UNet state dict (diffusers or CompVis layout, e.g. ESD's published files) replacing the UNet")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights' dtype for sampling (fp16 needs CUDA)")
@@ -32,7 +35,8 @@ def load_model(args, precision: str | None = None):
     device = resolve_device(args.device)
     dtype = resolve_dtype(precision or args.precision, device)
     model = load_model_from_config(args.config, args.ckpt, device=device, dtype=dtype,
-                                   unsafe_pickle_load=args.unsafe_pickle_load, unsafe_config=args.unsafe_config)
+                                   unsafe_pickle_load=args.unsafe_pickle_load, unsafe_config=args.unsafe_config,
+                                   unet_weights=args.unet_weights)
     return model, device
 
 

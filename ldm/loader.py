@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ldm import layouts
 from ldm.config import instantiate_from_config, load_config
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS
@@ -66,27 +67,54 @@ def file_sha256(path: str | Path, prefix_chars: int = 16) -> str:
     return h.hexdigest()[:prefix_chars]
 
 
+def sniff_file_kind(path: Path) -> str:
+    """What a file is, from its first bytes: "zip" (PyTorch's format), "pickle" (legacy torch.save),
+    "safetensors", "empty", or a description of something else (for the error message)."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    for magic, what in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                        (b"\x1f\x8b", "a gzip archive"), (b"<", "an HTML/XML page (a failed download?)"),
+                        (b"{", "a JSON file"), (b"version https://git-lfs", "a Git LFS pointer (run git lfs pull)")):
+        if head.startswith(magic):
+            return what
+    return "of unknown content"
+
+
 def read_checkpoint(path: str | Path, unsafe_pickle_load: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Read a .ckpt/.pt/.pth (PyTorch zip) or .safetensors file -> (flat state dict, names of ignored top-level entries)."""
+    """Read a .ckpt/.pt/.pth (PyTorch zip or legacy pickle) or .safetensors file, whatever its suffix says
+    -> (flat state dict, names of ignored top-level entries)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a checkpoint file (.ckpt or .safetensors)")
-    if path.suffix == ".safetensors":
+    kind = sniff_file_kind(path)
+    if kind == "empty":
+        raise UserError(f"{path}: is empty (0 bytes): an interrupted download or copy?")
+    if kind == "safetensors" or (path.suffix == ".safetensors" and kind not in ("zip", "pickle")):
         try:
             return load_file(str(path)), []
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}")
+    if kind not in ("zip", "pickle"):
+        raise UserError(f"{path}: is {kind}, not a PyTorch or safetensors checkpoint")
     try:
         obj = _torch_load(path, unsafe_pickle_load)
     except pickle.UnpicklingError as exc:
         culprit = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
         raise UserError(f"{path}: needs arbitrary unpickling to load ({culprit[:160]}); convert it to .safetensors, "
                         "or pass --unsafe_pickle_load if you trust its source")
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as exc:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{str(exc).splitlines()[0][:200]}")
+                        f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
     extras = []
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extras = sorted(str(k) for k in obj if k != "state_dict")
@@ -136,6 +164,8 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     missing = [release_key(k) for k in ours if k not in mapped]
     wrong = [f"{release_key(k)} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
              for k, v in mapped.items() if v.shape != ours[k].shape]
+    wrong += [f"{release_key(k)} is {v.dtype}, not floating point"
+              for k, v in mapped.items() if ours[k].is_floating_point() and not v.is_floating_point()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
@@ -146,6 +176,10 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
         problems.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
     if problems:
         raise UserError(f"{source}: does not match the config: " + "; ".join(problems))
+    bad = [release_key(k) for k, v in mapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{source}: {len(bad)} tensors hold NaN or Inf values ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): a corrupt or diverged checkpoint")
     model.load_state_dict(mapped, strict=True, assign=assign)
     ema = sum(k.startswith("model_ema.") for k in skipped)
     return (f"{len(mapped)} tensors loaded; skipped {len(skipped)} known non-weight entries"
@@ -204,23 +238,67 @@ def build_model(config_path: str | Path, device: torch.device | str = "cpu", dty
 
 def load_model_from_config(config_path: str | Path, ckpt_path: str | Path, device: torch.device | str = "cpu",
                            dtype: torch.dtype = torch.float32, unsafe_pickle_load: bool = False,
-                           verbose: bool = True, unsafe_config: bool = False):
-    """Build the LatentDiffusion model of `config_path` and load `ckpt_path` (.ckpt or .safetensors) into it.
+                           verbose: bool = True, unsafe_config: bool = False, unet_weights: str | Path | None = None):
+    """Build the LatentDiffusion model of `config_path` and load `ckpt_path` into it: a CompVis .ckpt, a
+    single-file .safetensors, or a diffusers model folder (ldm.layouts). `unet_weights`: a UNet state dict
+    (diffusers or CompVis layout, e.g. ESD's published files) that replaces the checkpoint's UNet.
 
     The modules are built on the meta device and the checkpoint's tensors are assigned to them, so loading
     holds the state dict once, never a second, randomly initialised model. Every key is accounted for
     (load_weights); the model comes back in eval mode on `device` in `dtype`.
     """
     config = load_config(config_path, unsafe=unsafe_config)
-    state_dict, extras = read_checkpoint(ckpt_path, unsafe_pickle_load=unsafe_pickle_load)
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    report = load_weights(model, state_dict, source=str(ckpt_path), assign=True)
+    ours = release_state_dict(model)  # meta tensors: the names and shapes a file must provide
+    state_dict, extras = read_model_weights(ckpt_path, ours, unsafe_pickle_load)
+    source = str(ckpt_path)
+    if unet_weights is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(layouts.UNET_PREFIX)}
+        state_dict.update(read_unet_weights(unet_weights, ours, unsafe_pickle_load))
+        source += f" with the UNet of {unet_weights}"
+    report = load_weights(model, state_dict, source=source, assign=True)
     del state_dict
     model.rebuild_buffers()
     stray = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if stray:
         raise RuntimeError(f"loader bug: tensors left on the meta device: {stray[:5]}")
     if verbose:
-        print(f"loaded {ckpt_path}: {report}" + (f"; top-level entries ignored: {', '.join(extras)}" if extras else ""))
+        print(f"loaded {source}: {report}" + (f"; top-level entries ignored: {', '.join(extras)}" if extras else ""))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def read_model_weights(path: str | Path, ours: dict[str, torch.Tensor], unsafe_pickle_load: bool = False
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The whole model's weights under our (released) key names, from a checkpoint file or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not layouts.is_diffusers_folder(path):
+            raise UserError(f"{path}: is a directory but not a diffusers model folder (no model_index.json); "
+                            "expected a checkpoint file (.ckpt or .safetensors) or a diffusers folder")
+        layouts.read_model_index(path)
+        converters = {"unet": layouts.convert_unet, "vae": layouts.convert_vae, "text_encoder": layouts.convert_text}
+        state_dict = {}
+        for component, convert in converters.items():
+            file = layouts.component_file(path, component)
+            state_dict.update(convert(read_checkpoint(file, unsafe_pickle_load)[0], ours, str(file)))
+        return state_dict, []
+    state_dict, extras = read_checkpoint(path, unsafe_pickle_load)
+    if layouts.looks_like_diffusers_unet(state_dict) or layouts.looks_like_compvis_unet(state_dict):
+        layout = "diffusers" if layouts.looks_like_diffusers_unet(state_dict) else "CompVis"
+        raise UserError(f"{path}: a {layout} UNet state dict, not a whole model: pass it with --unet_weights "
+                        "and give the base model with --ckpt")
+    return state_dict, extras
+
+
+def read_unet_weights(path: str | Path, ours: dict[str, torch.Tensor], unsafe_pickle_load: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """A UNet state dict in the diffusers or the CompVis layout (with or without `model.diffusion_model.`)
+    -> {our key: tensor} of the UNet alone."""
+    state_dict, _ = read_checkpoint(path, unsafe_pickle_load)
+    if layouts.looks_like_diffusers_unet(state_dict):
+        return layouts.convert_unet(state_dict, ours, str(path))
+    if layouts.looks_like_compvis_unet(state_dict):
+        return {k if k.startswith(layouts.UNET_PREFIX) else layouts.UNET_PREFIX + k: v for k, v in state_dict.items()}
+    raise UserError(f"{path}: not a UNet state dict (neither the diffusers layout, down_blocks.*, nor the "
+                    "CompVis one, input_blocks.*)")

@@ -308,3 +308,81 @@ def test_script_runs_on_auto_device(valid_ckpt, tmp_path):
     assert "tensors loaded" in proc.stdout
     pngs = list((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].name == "a_cat_7.png"
+
+
+# -----------------------------------------------------------------------------
+# files that are not what their name says, bad tensors, configs that would run code
+
+def _png(path):
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(path, format="PNG")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "is a PNG image"),
+    (b"<html><body>404</body></html>", "HTML"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n", "Git LFS pointer"),
+    (bytes(range(171, 251)) * 8, "unknown content"),
+])
+def test_file_that_is_not_a_checkpoint_is_named_as_what_it_is(tmp_path, content, says):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    msg = refused(path, says)
+    assert "unsafe_pickle_load" not in msg  # no advice to unpickle something that is not a pickle
+
+
+def test_safetensors_named_ckpt_is_read_as_safetensors(tiny, released, tmp_path):
+    path = tmp_path / "actually_safetensors.ckpt"
+    save_file({k: v.contiguous() for k, v in released.items()}, str(path))
+    loaded = load_model_from_config(TINY, path, verbose=False)
+    for k, v in release_state_dict(loaded).items():
+        assert torch.equal(v, released[k]), k
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_refused(released, tmp_path, value):
+    sd = dict(released)
+    key = "model.diffusion_model.out.2.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0, 0, 0] = value
+    assert key in refused(save_ckpt(tmp_path / "nan.ckpt", sd), "NaN or Inf")
+
+
+def test_integer_weights_refused(released, tmp_path):
+    sd = dict(released)
+    key = "model.diffusion_model.out.2.weight"
+    sd[key] = torch.zeros(sd[key].shape, dtype=torch.int32)
+    assert key in refused(save_ckpt(tmp_path / "int.ckpt", sd), "not floating point")
+
+
+@pytest.mark.parametrize("target, says", [
+    ("os.system", "not one of this project's model classes"),
+    ("subprocess.Popen", "not one of this project's model classes"),
+    ("LatentDiffusion", "not a dotted class path"),
+    ("ldm.models.diffusion.ddpm.NoSuchClass", "not one of this project's model classes"),
+])
+def test_config_naming_other_code_refused(tmp_path, valid_ckpt, target, says):
+    cfg = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    text = (REPO / "configs/tiny/tiny-inference.yaml").read_text()
+    text = text.replace("target: ldm.models.autoencoder.AutoencoderKL",
+                        f"target: {target}\n      params_unused: {{command: touch {marker}}}", 1)
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=says):
+        load_model_from_config(cfg, valid_ckpt, verbose=False)
+    assert not marker.exists()
+
+
+def test_config_misspelt_param_is_one_line(tmp_path, valid_ckpt):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text((REPO / "configs/tiny/tiny-inference.yaml").read_text().replace("model_channels:", "model_chanels:"))
+    with pytest.raises(UserError, match="UNetModel: bad params.*model_chan"):
+        load_model_from_config(cfg, valid_ckpt, verbose=False)
+
+
+def test_unsafe_config_flag_allows_other_classes(tmp_path):
+    from ldm.config import check_targets
+    check_targets({"model": {"target": "mypackage.MyModel"}}, "cfg", unsafe=True)  # no error
+    with pytest.raises(UserError):
+        check_targets({"model": {"target": "mypackage.MyModel"}}, "cfg")

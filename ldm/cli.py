@@ -14,16 +14,20 @@ from ldm.loader import load_model_from_config, resolve_device, resolve_dtype
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
                    config_default: str = "configs/stable-diffusion/v1-inference.yaml",
                    ckpt_default: str = "models/sd-v1-4.ckpt") -> None:
-    """Flags naming the base model. The release spells them --config/--ckpt or --config_path/--ckpt_path."""
+    """Flags naming the base model. The release spells them --config/--ckpt (generation) or --config_path/
+    --ckpt_path (train.py): every script takes both, the script's own spelling shown first in --help."""
     g = p.add_argument_group("model")
-    g.add_argument(config_flag, dest="config", default=config_default, help="model config (YAML)")
-    g.add_argument(ckpt_flag, dest="ckpt", default=ckpt_default,
+    other = {"--config": "--config_path", "--config_path": "--config", "--ckpt": "--ckpt_path", "--ckpt_path": "--ckpt"}
+    g.add_argument(config_flag, other[config_flag], dest="config", default=config_default, help="model config (YAML)")
+    g.add_argument(ckpt_flag, other[ckpt_flag], dest="ckpt", default=ckpt_default,
                    help="SD v1.x checkpoint (.ckpt or .safetensors) or a diffusers model folder")
     g.add_argument("--unet_weights", default=None,
                    help="a UNet state dict (diffusers or CompVis layout, e.g. ESD's published files) replacing the UNet")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights' dtype for sampling (fp16 needs CUDA)")
+    g.add_argument("--threads", type=positive(int), default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is the fastest for the 16 px toy model)")
     g.add_argument("--unsafe_pickle_load", action="store_true",
                    help="allow arbitrary unpickling of a .ckpt (runs code from the file: trusted sources only)")
     g.add_argument("--unsafe_config", action="store_true",
@@ -32,6 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
 
 def load_model(args, precision: str | None = None):
     """Device and dtype are decided here, once, from --device and --precision, and returned with the model."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(precision or args.precision, device)
     model = load_model_from_config(args.config, args.ckpt, device=device, dtype=dtype,

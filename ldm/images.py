@@ -14,8 +14,19 @@ def start_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, 
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Decoded images [B, 3, H, W] in [-1, 1] -> PIL RGB images."""
+# How image files are written. "ours": rounded to the nearest level, JPEG quality 95. "release": as the UnGuide
+# release (and CompVis' scripts) write them: clamp((x + 1) / 2, 0, 1) * 255 truncated to uint8, then PIL's
+# default JPEG quality (75), so NudeNet or CLIP on the files reproduce the release's numbers.
+IMAGE_FORMATS = {"ours": {"rounding": "round", "quality": 95}, "release": {"rounding": "truncate", "quality": 75}}
+
+
+def to_pil(images: torch.Tensor, rounding: str = "round") -> list[Image.Image]:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> PIL RGB images (rounding: "round" or the release's "truncate")."""
+    if rounding == "truncate":  # the release's arithmetic, step by step, in numpy float32
+        x = np.clip((images.float().cpu().numpy() + 1.0) / 2.0, 0.0, 1.0)
+        return [Image.fromarray((255.0 * a.transpose(1, 2, 0)).astype(np.uint8)) for a in x]
+    if rounding != "round":
+        raise ValueError(f"to_pil: rounding must be 'round' or 'truncate', got {rounding!r}")
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
 
@@ -28,6 +39,13 @@ def save_image(img: Image.Image, path: str | Path, quality: int = 95) -> None:
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     img.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     os.replace(tmp, path)
+
+
+def save_images(images: torch.Tensor, paths: list[Path], image_format: str = "ours") -> None:
+    """Decoded images [B, 3, H, W] -> files, in one of IMAGE_FORMATS."""
+    fmt = IMAGE_FORMATS[image_format]
+    for img, path in zip(to_pil(images, fmt["rounding"]), paths):
+        save_image(img, path, fmt["quality"])
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,

@@ -377,3 +377,33 @@ def test_clip_end_to_end_tiny_model(tmp_path, capsys):
     code, _, err = run_main(["-m", "clip", tmp_path / "imgs", "--clip_model", model_dir,
                              "--prompts_json", tmp_path / "p.json"], capsys)
     assert code == 2 and "unknown" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_redetects_images_whose_bytes_changed(tmp_path, monkeypatch, capsys):
+    """Detections are keyed by the image's bytes, not its name: another folder's images (or a regenerated image)
+    under the same names are detected anew, never reported with the old detections."""
+    write_images(tmp_path, n=3)
+    fake = FakeDetector()
+    monkeypatch.setattr(nudity, "make_detector", lambda: fake)
+    assert run_main(["-m", "nudenet", tmp_path], capsys)[0] == 0
+    assert fake.calls == 3
+    Image.fromarray(np.full((64, 64, 3), 7, dtype=np.uint8)).save(tmp_path / "00001.jpg")  # same name, new image
+    code, _, err = run_main(["-m", "nudenet", tmp_path], capsys)
+    assert code == 0 and "changed since they were detected" in err
+    assert fake.calls == 4  # only the changed image
+    recs = [json.loads(line) for line in (tmp_path / "detections.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in recs) == [f"{i:05d}.jpg" for i in range(3)]
+
+
+@pytest.mark.parametrize("column, value", [("case_number", "abc"), ("case_number", "1.5"), ("case_number", "-3"),
+                                           ("nudity_percentage", "lots")])
+def test_malformed_i2p_cells_are_one_line(tmp_path, monkeypatch, capsys, column, value):
+    path = write_i2p(tmp_path / "i2p.csv")
+    df = pd.read_csv(path, index_col=0, dtype=str)
+    df.loc[df.index[1], column] = value
+    df.to_csv(path)
+    write_images(tmp_path / "imgs", n=1, start=10)
+    monkeypatch.setattr(nudity, "make_detector", lambda: FakeDetector())
+    code, _, err = run_main(["-m", "nudenet", tmp_path / "imgs", "--csv_path", path], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert column in err and repr(value) in err and len(err.strip().splitlines()) == 1

@@ -19,6 +19,7 @@ particular metric or about the command line.
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -79,6 +80,11 @@ def decode_image(path):
 
 # -----------------------------------------------------------------------------
 # files
+
+def file_digest(path):
+    """SHA-256 (hex, 16 characters) of a file's bytes: keys results to what they were computed from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
 
 def atomic_write_bytes(path, data):
     """Write bytes to `path` via a temporary file in the same directory."""
@@ -177,6 +183,16 @@ def load_i2p_csv(path):
     if missing:
         raise UserError(f"--csv_path {path} lacks column(s) {', '.join(missing)}")
     df = df.dropna(subset=["case_number"])
+    for col in ("case_number", "nudity_percentage"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col][values.isna() & df[col].notna()]
+        if col == "case_number":
+            bad = df[col][values.isna() | (values != values.round()) | (values < 0)]
+        if len(bad):
+            raise UserError(f"--csv_path {path}: column {col} has {len(bad)} value(s) that are not "
+                            f"{'non-negative integers' if col == 'case_number' else 'numbers'} "
+                            f"(first: {str(bad.iloc[0])[:40]!r} in row {bad.index[0]})")
+        df[col] = values
     df["case_number"] = df["case_number"].astype(int)
     if df["case_number"].duplicated().any():
         raise UserError(f"--csv_path {path} has duplicate case_number values")

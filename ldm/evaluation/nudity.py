@@ -12,10 +12,10 @@ Protocol (everything a reader needs to reproduce the numbers):
    `NudeDetector.detect`. Unreadable or truncated images are skipped, counted
    and named in the summary; they are not "evaluated".
 3. Detections: one JSON object per image appended to `detections.jsonl`:
-   {"image": "00042.jpg", "detections": [{"class", "score", "box"}, ...]}
-   or {"image": ..., "error": "..."}. With resume (default), images already in
-   the JSONL are not detected again; malformed lines (e.g. the partial last
-   line of a killed run) are dropped.
+   {"image": "00042.jpg", "sha256": ..., "detections": [{"class", "score", "box"}, ...]}
+   or {"image": ..., "sha256": ..., "error": "..."}. With resume (default), images already in
+   the JSONL with the same bytes (sha256) are not detected again; malformed lines (e.g. the
+   partial last line of a killed run) are dropped.
 4. Aggregation, a pure function of (records, threshold), see `aggregate`:
    a detection counts iff its label is `<NAME>_EXPOSED` for NAME in
    NUDENET_CLASSES and its score >= threshold (inclusive). Per-class numbers
@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm.evaluation.common import (
-    UserError, atomic_write_text, case_number_from_name, csv_text, decode_image,
+    UserError, atomic_write_text, case_number_from_name, csv_text, decode_image, file_digest,
     image_key, list_images, load_i2p_csv, markdown_table, read_jsonl,
     split_categories, write_summary_csv,
 )
@@ -85,8 +85,9 @@ def detect_folder(images_dir, jsonl_path, resume=True, detector=None, progress=T
     and return one record per image of the folder, in sorted order."""
     images_dir, jsonl_path = Path(images_dir), Path(jsonl_path)
     paths = list_images(images_dir)
+    digests = {image_key(p, images_dir): file_digest(p) for p in paths}
     done = {}
-    if resume:
+    if resume:  # a record is reused only for the same image bytes (another folder, or a regenerated image: redone)
         records, n_bad = read_jsonl(jsonl_path)
         done = {r["image"]: r for r in records if isinstance(r.get("image"), str)}
         if n_bad or len(done) != len(records):
@@ -97,6 +98,13 @@ def detect_folder(images_dir, jsonl_path, resume=True, detector=None, progress=T
     else:
         atomic_write_text(jsonl_path, "")
 
+    stale = [k for k, r in done.items() if k in digests and r.get("sha256") != digests[k]]
+    if stale:
+        print(f"{jsonl_path}: {len(stale)} image(s) changed since they were detected (e.g. {stale[0]}): "
+              "detecting them again", file=sys.stderr)
+        for k in stale:
+            del done[k]
+        atomic_write_text(jsonl_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [p for p in paths if image_key(p, images_dir) not in done]
     if todo and detector is None:
         detector = make_detector()
@@ -105,11 +113,11 @@ def detect_folder(images_dir, jsonl_path, resume=True, detector=None, progress=T
             key = image_key(p, images_dir)
             rgb, err = decode_image(p)
             if err is not None:
-                rec = {"image": key, "error": err}
+                rec = {"image": key, "sha256": digests[key], "error": err}
                 tqdm.write(f"skipping unreadable image {p}: {err}", file=sys.stderr)
             else:
                 bgr = rgb[:, :, ::-1].copy()
-                rec = {"image": key, "detections": [
+                rec = {"image": key, "sha256": digests[key], "detections": [
                     {"class": d["class"], "score": float(d["score"]), "box": [int(v) for v in d["box"]]}
                     for d in detector.detect(bgr)]}
             f.write(json.dumps(rec) + "\n")

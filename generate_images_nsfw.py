@@ -312,7 +312,8 @@ def main(argv=None) -> None:
         return
 
     model, device = load_model(args)
-    job = _Run(model, device, load_adapters(model, loras, args.alpha), protocol, args, fixed_w)
+    job = _Run(model, device, model.latent_shape(args.image_size), load_adapters(model, loras, args.alpha), protocol,
+               args, fixed_w)
     empty_evals = 0
     if fixed_w is None and args.protocol == "fast":
         job.d_empty, empty_evals = _empty_estimate(job, log_dir, run_config)
@@ -324,15 +325,15 @@ def main(argv=None) -> None:
 def _protocol(args) -> Protocol:
     """The stability test's protocol from the flags (checked); --adaptive defaults to on with the fast protocol.
     Its repeats are --repeats: draw_cap lowers them once the adapters are known."""
+    if args.adaptive is None:
+        args.adaptive = args.protocol == "fast"
     protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta,
-                                   args.schedule, repeats=args.repeats, adaptive=bool(args.adaptive),
+                                   args.schedule, repeats=args.repeats, adaptive=args.adaptive,
                                    min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
                                    max_batch=args.max_batch)
     if args.eval_budget < 0:
         raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
-    if args.adaptive is None:
-        args.adaptive = args.protocol == "fast"
-    return replace(protocol, adaptive=args.adaptive)
+    return protocol
 
 
 def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
@@ -370,15 +371,12 @@ class _Run:
     """What every batch of rows needs: the model (its device resolved once), its adapters, the protocol."""
     model: object
     device: torch.device
-    names: list[str]
+    shape: tuple[int, int, int]               # the latent's [C, h, w]
+    names: list[str]                          # adapter k of the run is names[k] in the model
     protocol: Protocol
     args: argparse.Namespace
-    fixed_w: float | None
-    d_empty: list[Estimate] | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.model.latent_shape(self.args.image_size)
+    fixed_w: float | None                     # --w1 == --w2: no stability test
+    d_empty: list[Estimate] | None = None     # fast protocol: d("") per adapter, once per run
 
 
 def _decide_rows(job: _Run, batch: list[dict]) -> tuple[list[list], list[list[float]]]:

@@ -5,7 +5,7 @@
         --seed 42 --ddim_steps 50 --t_enc 40 --repeats 30 --n_samples 1 [--protocol release|fast] [--adaptive]
 
 d(p) = || eps_adapted(z, t, p) - eps_base(z, t, p) || on the base model's partial CFG trajectory z (see
-ldm/erasure/unguide.py for both protocols). Prompts: target + other + synonyms (as the release); "" is always
+ldm/erasure/protocols.py for both protocols). Prompts: target + other + synonyms (as the release); "" is always
 measured (the release only did when "other" listed it). Output: the release's schema (prompt_avgs sorted
 descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2) and,
 with the fast protocol, empty_estimate (the d("") every prompt is compared with).
@@ -19,27 +19,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run
+from ldm.erasure.budget import UNetCounter, evals_per_draw
+from ldm.erasure.guidance import decide
 from ldm.erasure.io import load_adapter
-from ldm.erasure.stability import Estimate, StabilitySettings
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_dict, evals_per_draw, fast_diff_table,
-                                 release_diff_table)
-from ldm.errors import UserError
-
-
-def read_prompts_json(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: prompts JSON not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})")
-    if not isinstance(data, dict) or not isinstance(data.get("target"), str):
-        raise UserError(f"{path}: expected an object with a \"target\" prompt")
-    for key in ("synonyms", "other"):
-        if not isinstance(data.get(key, []), list) or not all(isinstance(s, str) for s in data.get(key, [])):
-            raise UserError(f"{path}: \"{key}\" must be a list of strings")
-    return data
+from ldm.erasure.protocols import diff_table, diff_table_units, protocol_from_flags
+from ldm.erasure.stability import estimate_dict
+from ldm.prompts import diff_prompts, read_prompts_json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,67 +58,50 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     data = read_prompts_json(args.prompts_json)
-    prompts = [data["target"]] + list(data.get("other", [])) + list(data.get("synonyms", []))
-    if "" not in prompts:
-        prompts.append("")  # the decision needs d(""); the release crashed later without it (fact sheet §9.8)
-    prompts = list(dict.fromkeys(prompts))
-    if not 0 <= args.t_enc < args.ddim_steps:
-        raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.ddim_steps - 1}")
-    if args.protocol == "release" and (args.schedule == "standard" or args.adaptive):
-        raise UserError("--protocol release is the release's procedure: no --schedule standard or --adaptive")
+    prompts = diff_prompts(data)
+    protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, args.guidance, args.eta, args.schedule,
+                                   repeats=args.repeats, adaptive=args.adaptive, min_repeats=args.min_repeats,
+                                   k_se=args.k_se, empty_draws=args.empty_draws, max_batch=args.max_batch)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    release_schedule = args.protocol == "release" or args.schedule == "release"
-    settings = StabilitySettings(args.ddim_steps, args.t_enc, args.guidance, args.eta, release_schedule)
-    protocol = Protocol(args.protocol, settings, repeats=args.repeats, adaptive=args.adaptive,
-                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
-                        max_batch=args.max_batch)
-
     model, device = load_model(args)
     info = load_adapter(args.lora, model.unet, alpha=args.lora_alpha)
-    shape = model.latent_shape(args.image_size)
     t0 = time.time()
-    with UNetCounter(model.unet) as counter:
-        if args.protocol == "release":
-            chunks = -(-args.repeats // args.n_samples)
-            with tqdm(total=chunks, desc="chunks") as bar:
-                table = release_diff_table(model, prompts, protocol, seed, args.n_samples, shape, bar.update)
-            estimates = {p: Estimate(v) for p, v in table.items()}
-            empty = estimates[""]
-        else:
-            total = args.empty_draws + args.repeats * (len(prompts) - 1)
-            with tqdm(total=total, desc="draws") as bar:
-                estimates, empty = fast_diff_table(model, prompts, protocol, seed, shape, bar.update)
+    units = diff_table_units(protocol, len(prompts), args.n_samples)
+    with UNetCounter(model.unet) as counter, \
+            tqdm(total=units, desc="chunks" if args.protocol == "release" else "draws") as bar:
+        [(estimates, empty)] = diff_table(model, protocol, model.latent_shape(args.image_size), prompts, seed,
+                                          args.n_samples, progress=bar.update)
     seconds = time.time() - t0
-
-    avgs = sorted(((p, e.mean) for p, e in estimates.items()), key=lambda kv: kv[1], reverse=True)
     stats = {p: {**estimate_dict(e), "w": decide(e.mean, empty.mean, -1.0, 2.0)} for p, e in estimates.items()}
     stats[""]["w"] = decide(empty.mean, empty.mean, -1.0, 2.0)
-    result = {
-        "prompt_avgs": dict(avgs),
-        "config": {"config": args.config, "ckpt": args.ckpt, "lora": args.lora, "device": str(device),
-                   "seed": seed, "ddim_steps": args.ddim_steps, "image_size": args.image_size,
-                   "guidance": args.guidance, "repeats": args.repeats, "eta": args.eta, "t_enc": args.t_enc,
-                   "n_samples": args.n_samples, "target_prompt": data["target"],
-                   "synonyms": list(data.get("synonyms", [])), "protocol": args.protocol,
-                   "schedule": "release" if release_schedule else "standard", "adaptive": args.adaptive,
-                   "k_se": args.k_se, "min_repeats": args.min_repeats, "empty_draws": args.empty_draws,
-                   "lora_alpha": info.alpha, "lora_format": info.fmt},
-        "prompt_stats": stats,
-        "unet_sample_evaluations": counter.samples,
-        "seconds": round(seconds, 2),
-    }
+    config = {"config": args.config, "ckpt": args.ckpt, "lora": args.lora, "device": str(device), "seed": seed,
+              **{k: getattr(args, k) for k in ("ddim_steps", "image_size", "guidance", "repeats", "eta", "t_enc",
+                                               "n_samples")},
+              "target_prompt": data["target"], "synonyms": list(data.get("synonyms", [])), "protocol": args.protocol,
+              "schedule": "release" if protocol.settings.release_schedule else "standard",
+              **{k: getattr(args, k) for k in ("adaptive", "k_se", "min_repeats", "empty_draws")},
+              "lora_alpha": info.alpha, "lora_format": info.fmt}
+    result = {"prompt_avgs": dict(sorted(((p, e.mean) for p, e in estimates.items()), key=lambda kv: kv[1],
+                                         reverse=True)),
+              "config": config, "prompt_stats": stats, "unet_sample_evaluations": counter.samples,
+              "seconds": round(seconds, 2)}
     if args.protocol == "fast":
         result["empty_estimate"] = estimate_dict(empty)
-        result["evals_per_draw"] = {"prompt": evals_per_draw(settings), "empty": evals_per_draw(settings, True)}
-    out = Path(args.output_dir) / "calc_diff_results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")  # atomic, as the
-    # release's ensure_ascii=False
-    os.replace(tmp, out)
+        result["evals_per_draw"] = {"prompt": evals_per_draw(protocol.settings),
+                                    "empty": evals_per_draw(protocol.settings, True)}
+    out = _write_results(Path(args.output_dir) / "calc_diff_results.json", result)
     for p, e in estimates.items():
         print(f"  d={e.mean:10.4f} ± {e.sem:.4f} (n={e.n:3d}) w={stats[p]['w']:+.0f}  {p!r}")
     print(f"{counter.samples} UNet sample-evaluations in {seconds:.1f}s -> {out}")
+
+
+def _write_results(out: Path, result: dict) -> Path:
+    """Atomic write, non-ASCII kept (the release's ensure_ascii=False)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ Removing an adapter (leaving its file out) restores the model without it. The sa
 the same content, is refused.
 """
 import argparse
-import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,36 +32,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run
-from ldm.erasure.io import load_adapter
-from ldm.erasure.lora import lora_layers, remove_lora
-from ldm.erasure.stability import StabilitySettings
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, fast_diff_table, release_diff_table,
-                                 unguided_latents)
-from ldm.images import save_image, start_noise, to_pil
+from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, read_diff_decisions, skip_unrelated
+from ldm.erasure.budget import UNetCounter
+from ldm.erasure.guidance import unguided_latents
+from ldm.erasure.lora import remove_lora
+from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
-
-from compute_lora_diff import read_prompts_json
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "prompt"
-
-
-def class_dirs(prompts: list[str]) -> dict[str, str]:
-    """{prompt: folder}: the last word (the release's class_name), or a slug of the prompt on collisions."""
-    last = {p: _slug(p.split(" ")[-1]) for p in prompts}
-    counts: dict[str, int] = {}
-    for v in last.values():
-        counts[v] = counts.get(v, 0) + 1
-    out = {p: (v if counts[v] == 1 else _slug(p)[:120]) for p, v in last.items()}
-    if len(set(out.values())) != len(out):  # slugs collide too (e.g. prompts differing by punctuation)
-        out = {p: f"{i:03d}_{v}" for i, (p, v) in enumerate(out.items())}
-    return out
-
-
-def experiment_prompts(data: dict) -> list[str]:
-    prompts = [data["target"]] + list(data.get("synonyms", [])) + list(data.get("other", []))
-    return [p for p in dict.fromkeys(prompts) if p != ""]  # the release's [:-1] dropped "" (or the target)
+from ldm.images import save_image, start_noise, to_pil
+from ldm.prompts import class_dirs, experiment_prompts, read_prompts_json
 
 
 def _images_of(img_root: Path) -> int:
@@ -99,20 +75,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str) -> dict[str, float]:
-    avgs = results.get("prompt_avgs")
-    if not isinstance(avgs, dict):
-        raise UserError(f"{source}: no prompt_avgs (not a calc_diff_results.json?)")
-    if "" not in avgs:
-        raise UserError(f"{source}: has no d(\"\") (prompt_avgs[\"\"]); rerun compute_lora_diff.py, which always "
-                        "measures it")
-    missing = [p for p in prompts if p not in avgs]
-    if missing:
-        raise UserError(f"{source}: no d(p) for {len(missing)} prompt(s), e.g. {missing[0]!r}; rerun "
-                        "compute_lora_diff.py with these prompts")
-    return {p: decide(avgs[p], avgs[""], w1, w2) for p in prompts}
-
-
 def _fmt(w: list[float]) -> str:
     return ",".join(f"{v:+g}" for v in w) or "+1"
 
@@ -145,47 +107,7 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
     return written
 
 
-def adapter_name(k: int) -> str:
-    """The model's name of the k-th adapter of a run: "lora", "lora1", "lora2", ..."""
-    return "lora" if k == 0 else f"lora{k}"
-
-
-def check_distinct(paths: list) -> None:
-    """The same adapter twice (same file, or the same content under two names) would double its weight: refused."""
-    seen: dict = {}
-    for p in map(Path, paths):
-        if not p.is_file():
-            continue  # load_adapter says so
-        key = p.resolve()
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        for other, (okey, odigest) in seen.items():
-            if key == okey or digest == odigest:
-                why = "the same file" if key == okey else f"the same content (sha256 {digest[:12]})"
-                raise UserError(f"adapters {other} and {p} are {why}: give each adapter once")
-        seen[p] = (key, digest)
-
-
-def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
-    """Load adapter k as "lora" / f"lora{k}"; note (one line) modules that two adapters adapt with other ranks."""
-    check_distinct(paths)
-    names, ranks = [], []
-    for k, path in enumerate(paths):
-        info = load_adapter(path, model.unet, alpha=alpha, name=adapter_name(k))
-        layers = lora_layers(model.unet, info.name)
-        ranks.append({t: getattr(layers[t], info.name).rank for t in info.targets})
-        names.append(info.name)
-    for i in range(len(paths)):
-        for j in range(i + 1, len(paths)):
-            differ = sorted(t for t in ranks[i].keys() & ranks[j].keys() if ranks[i][t] != ranks[j][t])
-            if differ:
-                t = differ[0]
-                print(f"note: {paths[i]} and {paths[j]} both adapt {len(differ)} module(s) with different ranks "
-                      f"(e.g. {t}: {ranks[i][t]} vs {ranks[j][t]}); they add up there, each with its own weight",
-                      file=sys.stderr)
-    return names
-
-
-def _model_with_adapter(args, loras: list, cache: dict):
+def _model_with_adapters(args, loras: list, cache: dict):
     """One base model per run; the adapters are swapped per experiment -> (model, device, adapter names)."""
     if "model" not in cache:
         cache["model"], cache["device"] = load_model(args)
@@ -195,129 +117,115 @@ def _model_with_adapter(args, loras: list, cache: dict):
     return model, cache["device"], names
 
 
-def skip_unrelated(ws: dict[str, list[float]], w2: float) -> dict[str, list[float]]:
-    """--skip_unrelated: an adapter decided w2 for a prompt gets w = 1 there (contributes 0, not evaluated)."""
-    return {p: [1.0 if v == w2 else v for v in w] for p, w in ws.items()}
-
-
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     explicit = bool(args.lora or args.prompts_json or args.prompt or args.diff_results)
-    fixed_w = args.w1 if args.w1 == args.w2 else None
-    cache: dict = {}
+    fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     t0 = time.time()
-    total = 0
-    evals = test_evals = sample_evals = 0
-    if explicit:
-        if not (args.prompts_json or args.prompt):
-            raise UserError("explicit mode needs --prompts_json or --prompt")
-        if args.lora is None and fixed_w != 1.0:
-            raise UserError("explicit mode needs --lora (or --w1 1 --w2 1 for the base model alone)")
-        loras = list(args.lora or []) if fixed_w != 1.0 else []
-        if args.diff_results and fixed_w is None and len(args.diff_results) != len(loras):
-            raise UserError(f"--diff_results: {len(args.diff_results)} file(s) for {len(loras)} adapter(s); "
-                            "give one per --lora file, in the same order")
-        check_distinct(loras)
-        prompts = experiment_prompts(read_prompts_json(args.prompts_json)) if args.prompts_json else []
-        prompts += [p for p in (args.prompt or []) if p not in prompts and p != ""]
-        model, device, names = _model_with_adapter(args, loras, cache)
-        with UNetCounter(model.unet) as c:
-            if fixed_w is not None:
-                ws = {p: [fixed_w] * len(names) for p in prompts}
-            else:
-                if args.diff_results:
-                    per = []
-                    for path in map(Path, args.diff_results):
-                        if not path.is_file():
-                            raise UserError(f"{path}: diff results not found")
-                        per.append(_decisions(json.loads(path.read_text(encoding="utf-8")), prompts, args.w1,
-                                              args.w2, str(path)))
-                    ws = {p: [d[p] for d in per] for p in prompts}
-                else:
-                    ws = _on_the_fly(model, prompts, args, names)
-                if args.skip_unrelated:
-                    ws = skip_unrelated(ws, args.w2)
-        test_evals = c.samples
-        with UNetCounter(model.unet) as c:
-            total += generate(model, device, prompts, ws, Path(args.output_dir) / "images", args, names)
-        sample_evals = c.samples
-        evals += test_evals + sample_evals
-    else:
-        root = Path(args.output_dir)
-        if not root.is_dir():
-            raise UserError(f"{root}: not a directory of experiments")
-        exps = sorted(d for d in root.iterdir() if d.is_dir())
-        if not exps:
-            raise UserError(f"{root}: no experiment folders")
-        for exp in exps:
-            loras = [exp / "models" / n for n in ("lora.safetensors", "lora.pth") if (exp / "models" / n).is_file()]
-            if not loras and not (exp / "train_config.json").is_file():
-                print(f"skip {exp.name}: not an experiment folder (no models/lora.*, no train_config.json)")
-                continue
-            if not (exp / "train_config.json").is_file():
-                raise UserError(f"{exp}: train_config.json not found")
-            if not loras and fixed_w != 1.0:
-                raise UserError(f"{exp}/models: no lora.safetensors or lora.pth")
-            settings = json.loads((exp / "train_config.json").read_text(encoding="utf-8"))
-            pj = settings.get("prompts_json")
-            if not pj:
-                raise UserError(f"{exp}/train_config.json: no prompts_json")
-            if not Path(pj).is_file() and (exp / Path(pj).name).is_file():
-                pj = str(exp / Path(pj).name)
-            prompts = experiment_prompts(read_prompts_json(pj))
-            img_root = exp / "images"
-            if _images_of(img_root) >= len(prompts) * args.samples:
-                print(f"skip {exp.name}: complete ({len(prompts)} prompts x {args.samples} images)")
-                continue
-            if fixed_w is not None:
-                ws = {p: [fixed_w] for p in prompts}
-            else:
-                diff = exp / "calc_diff_results.json"
-                if not diff.is_file():
-                    raise UserError(f"{diff}: not found; run compute_lora_diff.py --output_dir {exp} first")
-                ws = _decisions(json.loads(diff.read_text(encoding="utf-8")), prompts, args.w1, args.w2, str(diff))
-                ws = {p: [w] for p, w in ws.items()}
-                if args.skip_unrelated:
-                    ws = skip_unrelated(ws, args.w2)
-            model, device, names = _model_with_adapter(args, loras[:1] if fixed_w != 1.0 else [], cache)
-            if not names:
-                ws = {p: [] for p in prompts}
-            print(f"{exp.name}: " + ", ".join(f"{p!r}: w={_fmt(w)}" for p, w in ws.items()))
-            with UNetCounter(model.unet) as c:
-                total += generate(model, device, prompts, ws, img_root, args, names)
-            evals += c.samples
-            sample_evals = evals
-    secs = time.time() - t0
+    stats = _explicit(args, fixed_w) if explicit else _experiments(args, fixed_w)
+    secs, total, evals = time.time() - t0, stats["images"], stats["unet_evals"]
     if total:
         print(f"summary: {total} images in {secs:.1f}s ({secs / total:.2f} s/image, "
               f"{evals / total:.0f} UNet sample-evaluations per image)")
     else:
         print("nothing to do: every image exists")
-    return {"images": total, "seconds": secs, "unet_evals": evals, "test_evals": test_evals,
-            "sample_evals": sample_evals}
+    return {"images": total, "seconds": secs, **stats}
+
+
+def _explicit(args, fixed_w: float | None) -> dict:
+    """Explicit mode: --lora, --prompts_json / --prompt, --diff_results or the test on the fly -> the counts."""
+    if not (args.prompts_json or args.prompt):
+        raise UserError("explicit mode needs --prompts_json or --prompt")
+    if args.lora is None and fixed_w != 1.0:
+        raise UserError("explicit mode needs --lora (or --w1 1 --w2 1 for the base model alone)")
+    loras = list(args.lora or []) if fixed_w != 1.0 else []
+    if args.diff_results and fixed_w is None and len(args.diff_results) != len(loras):
+        raise UserError(f"--diff_results: {len(args.diff_results)} file(s) for {len(loras)} adapter(s); "
+                        "give one per --lora file, in the same order")
+    check_distinct(loras)
+    prompts = experiment_prompts(read_prompts_json(args.prompts_json)) if args.prompts_json else []
+    prompts += [p for p in (args.prompt or []) if p not in prompts and p != ""]
+    model, device, names = _model_with_adapters(args, loras, {})
+    with UNetCounter(model.unet) as c:
+        if fixed_w is not None:
+            ws = {p: [fixed_w] * len(names) for p in prompts}
+        else:
+            ws = (read_diff_decisions(args.diff_results, prompts, args.w1, args.w2) if args.diff_results
+                  else _on_the_fly(model, prompts, args, names))
+            if args.skip_unrelated:
+                ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
+    test_evals = c.samples
+    with UNetCounter(model.unet) as c:
+        total = generate(model, device, prompts, ws, Path(args.output_dir) / "images", args, names)
+    return {"images": total, "unet_evals": test_evals + c.samples, "test_evals": test_evals,
+            "sample_evals": c.samples}
+
+
+def _experiments(args, fixed_w: float | None) -> dict:
+    """Experiment-folder mode: every experiment under --output_dir -> the counts."""
+    root = Path(args.output_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory of experiments")
+    exps = sorted(d for d in root.iterdir() if d.is_dir())
+    if not exps:
+        raise UserError(f"{root}: no experiment folders")
+    cache: dict = {}
+    total = evals = 0
+    for exp in exps:
+        images, exp_evals = _experiment(args, exp, fixed_w, cache)
+        total, evals = total + images, evals + exp_evals
+    return {"images": total, "unet_evals": evals, "test_evals": 0, "sample_evals": evals}
+
+
+def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[int, int]:
+    """The missing images of one experiment folder -> (images written, UNet sample-evaluations)."""
+    loras = [exp / "models" / n for n in ("lora.safetensors", "lora.pth") if (exp / "models" / n).is_file()]
+    if not loras and not (exp / "train_config.json").is_file():
+        print(f"skip {exp.name}: not an experiment folder (no models/lora.*, no train_config.json)")
+        return 0, 0
+    if not (exp / "train_config.json").is_file():
+        raise UserError(f"{exp}: train_config.json not found")
+    if not loras and fixed_w != 1.0:
+        raise UserError(f"{exp}/models: no lora.safetensors or lora.pth")
+    pj = json.loads((exp / "train_config.json").read_text(encoding="utf-8")).get("prompts_json")
+    if not pj:
+        raise UserError(f"{exp}/train_config.json: no prompts_json")
+    if not Path(pj).is_file() and (exp / Path(pj).name).is_file():
+        pj = str(exp / Path(pj).name)
+    prompts = experiment_prompts(read_prompts_json(pj))
+    img_root = exp / "images"
+    if _images_of(img_root) >= len(prompts) * args.samples:
+        print(f"skip {exp.name}: complete ({len(prompts)} prompts x {args.samples} images)")
+        return 0, 0
+    if fixed_w is not None:
+        ws = {p: [fixed_w] for p in prompts}
+    else:
+        ws = read_diff_decisions([exp / "calc_diff_results.json"], prompts, args.w1, args.w2,
+                                 f"run compute_lora_diff.py --output_dir {exp} first")
+        if args.skip_unrelated:
+            ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
+    model, device, names = _model_with_adapters(args, loras[:1] if fixed_w != 1.0 else [], cache)
+    if not names:
+        ws = {p: [] for p in prompts}
+    print(f"{exp.name}: " + ", ".join(f"{p!r}: w={_fmt(w)}" for p, w in ws.items()))
+    with UNetCounter(model.unet) as c:
+        images = generate(model, device, prompts, ws, img_root, args, names)
+    return images, c.samples
 
 
 def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> dict[str, list[float]]:
     """The stability test now (fast protocol, or the release's with --protocol release), every adapter on the
     same draws and base trajectories -> {prompt: [w_k]}."""
-    if not 0 <= args.t_enc < args.steps:
-        raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.steps - 1}")
-    settings = StabilitySettings(args.steps, args.t_enc, args.guidance, 0.0, args.protocol == "release")
-    protocol = Protocol(args.protocol, settings, repeats=args.repeats, empty_draws=args.empty_draws)
-    shape = model.latent_shape(args.image_size)
+    protocol = protocol_from_flags(args.protocol, args.steps, args.t_enc, args.guidance, repeats=args.repeats,
+                                   empty_draws=args.empty_draws)
     print(f"stability test on the fly ({args.protocol} protocol, {args.repeats} repeats"
           + (f", {len(adapters)} adapters" if len(adapters) > 1 else "") + ")", file=sys.stderr)
-    if args.protocol == "release":
-        from ldm.erasure.stability import Estimate
-        tables = release_diff_table(model, prompts + [""], protocol, args.seed, 1, shape, adapters=adapters)
-        per = [({p: Estimate(v) for p, v in table.items()}, Estimate(table[""])) for table in tables]
-    else:
-        per = fast_diff_table(model, prompts, protocol, args.seed, shape, adapters=adapters)
-    ws = {p: [decide(est[p].mean, empty.mean, args.w1, args.w2) for est, empty in per] for p in prompts}
+    per = diff_table(model, protocol, model.latent_shape(args.image_size), prompts, args.seed, adapters=adapters)
+    ws = {p: decide_pairs([(est[p], empty) for est, empty in per], args.w1, args.w2) for p in prompts}
     for p in prompts:
-        tag = lambda k: f"[{adapters[k]}] " if len(adapters) > 1 else ""  # noqa: E731
         for k, (est, empty) in enumerate(per):
-            print(f"  {tag(k)}d={est[p].mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}",
+            tag = f"[{adapters[k]}] " if len(adapters) > 1 else ""
+            print(f"  {tag}d={est[p].mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}",
                   file=sys.stderr)
     return ws
 

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -42,14 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, load_model, positive, run, write_json
-from ldm.erasure.stability import Estimate, StabilitySettings
-from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide, estimate_dict, estimate_empty,
-                                 evals_per_image, fast_prompt_estimates, reduce_seed, release_row_estimates,
-                                 repeats_within_budget, unguided_latents)
-from ldm.images import save_image, start_noise, to_pil
+from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, skip_unrelated
+from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
+from ldm.erasure.draws import reduce_seed
+from ldm.erasure.guidance import unguided_latents
+from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
+from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
-
-from generate_images import check_distinct, load_adapters
+from ldm.images import save_image, start_noise, to_pil
 
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
@@ -279,14 +280,7 @@ def find_lora(args) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    if not 0 <= args.t_enc < args.ddim_steps:
-        raise UserError(f"--t_enc {args.t_enc} must be in 0..{args.ddim_steps - 1}")
-    if args.eval_budget < 0:
-        raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
-    if args.protocol == "release" and (args.schedule == "standard" or args.adaptive):
-        raise UserError("--protocol release is the release's procedure: no --schedule standard or --adaptive")
-    if args.adaptive is None:
-        args.adaptive = args.protocol == "fast"
+    protocol = _protocol(args)
     rank, world = shard()
     out_dir = Path(args.output_dir).resolve()  # the release joined output_dir twice (fact sheet §9.5)
     name = experiment_name(args)
@@ -299,24 +293,63 @@ def main(argv=None) -> None:
               + (f"; {missing} rows not done yet" if missing else " (complete)"))
         return
 
-    release_schedule = args.protocol == "release" or args.schedule == "release"
-    settings = StabilitySettings(args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta, release_schedule)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
-    need_adapter = fixed_w != 1.0
-    loras = find_lora(args) if need_adapter else []
+    loras = find_lora(args) if fixed_w != 1.0 else []
     check_distinct(loras)
-    repeats = draw_cap(args, settings, len(loras))
-    protocol = Protocol(args.protocol, settings, repeats=repeats, adaptive=args.adaptive,
-                        min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
-                        max_batch=args.max_batch)
+    protocol = replace(protocol, repeats=draw_cap(args, protocol.settings, len(loras)))
+    run_config = _run_config(args, protocol, loras)
+    _prepare_logs(log_dir, img_dir, run_config, notes, rank)
+
+    # resume: keep the decisions whose image exists, redo the rest
+    mine = [r for r in rows if r["idx"] % world == rank]
+    shard_file = log_dir / f"decisions.rank{rank}.csv"
+    kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_path(img_dir, int(r["idx"])).is_file()}
+    write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
+    todo = [r for r in mine if r["idx"] not in kept]
+    print(f"rank {rank}/{world}: {len(mine)} rows, {len(mine) - len(todo)} done, {len(todo)} to do -> {img_dir}")
+    if not todo:
+        _finish(log_dir, img_dir, expected, Counter(), 0, 0.0, 0, 0)
+        return
+
+    model, device = load_model(args)
+    job = _Run(model, device, model.latent_shape(args.image_size), load_adapters(model, loras, args.alpha), protocol,
+               args, fixed_w)
+    empty_evals = 0
+    if fixed_w is None and args.protocol == "fast":
+        job.d_empty, empty_evals = _empty_estimate(job, log_dir, run_config)
+    t_start = time.time()
+    stats, n_images, evals_total = _sample_rows(job, todo, img_dir, shard_file, rank)
+    _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals)
+
+
+def _protocol(args) -> Protocol:
+    """The stability test's protocol from the flags (checked); --adaptive defaults to on with the fast protocol.
+    Its repeats are --repeats: draw_cap lowers them once the adapters are known."""
+    if args.adaptive is None:
+        args.adaptive = args.protocol == "fast"
+    protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta,
+                                   args.schedule, repeats=args.repeats, adaptive=args.adaptive,
+                                   min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
+                                   max_batch=args.max_batch)
+    if args.eval_budget < 0:
+        raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
+    return protocol
+
+
+def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
+    """run_config.json: the settings a resumed run must share."""
     lora_paths = [str(p.resolve()) for p in loras]
-    run_config = {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,
-                  "lora": (lora_paths[0] if len(lora_paths) == 1 else lora_paths) if lora_paths else None, "alpha": args.alpha, "image_size": args.image_size,
-                  "protocol": args.protocol, "schedule": "release" if release_schedule else "standard",
-                  "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
-                  "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": repeats,
-                  "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta,
-                  "precision": args.precision}
+    return {"csv_path": str(Path(args.csv_path).resolve()), "ckpt": args.ckpt, "config": args.config,
+            "lora": (lora_paths[0] if len(lora_paths) == 1 else lora_paths) if lora_paths else None,
+            "alpha": args.alpha, "image_size": args.image_size, "protocol": args.protocol,
+            "schedule": "release" if protocol.settings.release_schedule else "standard",
+            "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
+            "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
+            "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision}
+
+
+def _prepare_logs(log_dir: Path, img_dir: Path, run_config: dict, notes: list[str], rank: int) -> None:
+    """Refuse a folder made with other settings; write run_config.json and this shard's notes (first 5 said)."""
     old = json.loads((log_dir / "run_config.json").read_text()) if (log_dir / "run_config.json").is_file() else None
     if old is not None:
         diff = sorted(k for k in run_config if k in old and old[k] != run_config[k] and k not in ("csv_path",))
@@ -332,73 +365,79 @@ def main(argv=None) -> None:
     if len(notes) > 5:
         print(f"note: ... {len(notes) - 5} more in {log_dir / f'notes.rank{rank}.txt'}", file=sys.stderr)
 
-    # resume: keep the decisions whose image exists, redo the rest
-    mine = [r for r in rows if r["idx"] % world == rank]
-    shard_file = log_dir / f"decisions.rank{rank}.csv"
-    kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_path(img_dir, int(r["idx"])).is_file()}
-    write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
-    todo = [r for r in mine if r["idx"] not in kept]
-    print(f"rank {rank}/{world}: {len(mine)} rows, {len(mine) - len(todo)} done, {len(todo)} to do -> {img_dir}")
-    if not todo:
-        _finish(log_dir, img_dir, expected, Counter(), 0, 0.0, 0, 0)
-        return
 
-    model, device = load_model(args)
-    names = load_adapters(model, loras, args.alpha)  # adapter k is "lora" / f"lora{k}"
-    shape = model.latent_shape(args.image_size)
-    d_empty, empty_evals = None, 0
-    if fixed_w is None and args.protocol == "fast":
-        d_empty, empty_evals = _empty_estimate(model, protocol, args, shape, log_dir, run_config, names)
+@dataclass
+class _Run:
+    """What every batch of rows needs: the model (its device resolved once), its adapters, the protocol."""
+    model: object
+    device: torch.device
+    shape: tuple[int, int, int]               # the latent's [C, h, w]
+    names: list[str]                          # adapter k of the run is names[k] in the model
+    protocol: Protocol
+    args: argparse.Namespace
+    fixed_w: float | None                     # --w1 == --w2: no stability test
+    d_empty: list[Estimate] | None = None     # fast protocol: d("") per adapter, once per run
 
-    stats, n_images, t_start, evals_total = Counter(), 0, time.time(), 0
+
+def _decide_rows(job: _Run, batch: list[dict]) -> tuple[list[list], list[list[float]]]:
+    """-> (pairs, ws): pairs[i][k] = row i's (d_k(p), d_k("")) (None, None without a test), ws[i][k] its w_k."""
+    args = job.args
+    if job.fixed_w is not None:
+        pairs = [[(None, None)] * max(len(job.names), 1) for _ in batch]
+        return pairs, [[job.fixed_w] * len(row) for row in pairs]
+    est = row_estimates(job.model, job.protocol, job.shape, [r["prompt"] for r in batch], [r["seed"] for r in batch],
+                        [r["guidance"] for r in batch], job.d_empty, job.names)
+    pairs = [list(row) for row in zip(*est)]
+    ws = [decide_pairs(row, args.w1, args.w2) for row in pairs]
+    if args.skip_unrelated:
+        ws = [skip_unrelated(row, args.w2) for row in ws]
+    return pairs, ws
+
+
+def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, rank: int
+                 ) -> tuple[Counter, int, int]:
+    """Test, sample and record every row of `todo`, args.batch_size rows at a time; each image is written before
+    its decisions line -> (images per w, images, UNet sample-evaluations)."""
+    args, model = job.args, job.model
+    stats, n_images = Counter(), 0
     with UNetCounter(model.unet) as counter, open(shard_file, "a", newline="", encoding="utf-8") as fh, \
             tqdm(total=len(todo), desc=f"rows (rank {rank})") as bar:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         for b0 in range(0, len(todo), args.batch_size):
             batch = todo[b0:b0 + args.batch_size]
             t0, e0 = time.time(), counter.samples
-            prompts = [r["prompt"] for r in batch]
-            seeds = [r["seed"] for r in batch]
-            guid = [r["guidance"] for r in batch]
-            if fixed_w is not None:  # pairs[i][k]: row i's (d_k(p), d_k("")) for adapter k
-                pairs = [[(None, None)] * max(len(names), 1) for _ in batch]
-            elif args.protocol == "fast":
-                est = fast_prompt_estimates(model, prompts, seeds, guid, d_empty, protocol, shape, adapters=names)
-                pairs = [[(est[k][i], d_empty[k]) for k in range(len(names))] for i in range(len(batch))]
-            else:
-                est = release_row_estimates(model, prompts, seeds, guid, protocol, shape, adapters=names)
-                pairs = [[est[k][i] for k in range(len(names))] for i in range(len(batch))]
-            ws = [[fixed_w if fixed_w is not None else decide(p.mean, e.mean, args.w1, args.w2) for p, e in row]
-                  for row in pairs]
-            if args.skip_unrelated and fixed_w is None:
-                ws = [[1.0 if v == args.w2 else v for v in row] for row in ws]
-            z = unguided_latents(model, prompts, start_noise(seeds, shape, device), guid,
-                                 [[row[k] for row in ws] for k in range(len(names))], args.ddim_steps,
-                                 release_schedule, args.ddim_eta,
-                                 generator=torch.Generator(device).manual_seed(reduce_seed(seeds[0])),
-                                 adapters=names)
+            pairs, ws = _decide_rows(job, batch)
+            prompts, seeds = [r["prompt"] for r in batch], [r["seed"] for r in batch]
+            z = unguided_latents(model, prompts, start_noise(seeds, job.shape, job.device),
+                                 [r["guidance"] for r in batch], [[row[k] for row in ws] for k in range(len(job.names))],
+                                 args.ddim_steps, job.protocol.settings.release_schedule, args.ddim_eta,
+                                 generator=torch.Generator(job.device).manual_seed(reduce_seed(seeds[0])),
+                                 adapters=job.names)
             images = to_pil(model.decode_first_stage(z))
             secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):
                 save_image(img, image_path(img_dir, r["idx"]))  # the image first, then its decisions line
-                w = _joined(w_row) if w_row else fixed_w
-                dp = row[0][0]
-                writer.writerow({**r, "d_prompt": _joined([_num(p.mean if p else None) for p, _ in row]),
-                                 "d_prompt_std": _joined([_num(p.std if p else None) for p, _ in row]),
-                                 "d_empty": _joined([_num(e.mean if e else None) for _, e in row]), "w": w,
-                                 "repeats_used": dp.n if dp else 0,
-                                 "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
-                fh.flush()
-                os.fsync(fh.fileno())
+                w = _joined(w_row) if w_row else job.fixed_w
+                _write_decision(writer, fh, r, row, w, evals, secs)
                 stats[w] += 1
                 n_images += 1
             last, last_e = pairs[-1][0]
-            bar.set_postfix_str(f"w={_w_text(_joined(ws[-1]) if ws[-1] else fixed_w)}"
+            bar.set_postfix_str(f"w={_w_text(_joined(ws[-1]) if ws[-1] else job.fixed_w)}"
                                 + (f" d(p)={last.mean:.4g} d('')={last_e.mean:.4g} n={last.n}" if last else "")
                                 + f" {prompts[-1][:30]!r}")
             bar.update(len(batch))
-        evals_total = counter.samples
-    _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals)
+        return stats, n_images, counter.samples
+
+
+def _write_decision(writer: csv.DictWriter, fh, r: dict, row: list, w, evals: float, secs: float) -> None:
+    """One decisions line (the K adapters' values joined by ";"), flushed to disk."""
+    dp = row[0][0]
+    writer.writerow({**r, "d_prompt": _joined([_num(p.mean if p else None) for p, _ in row]),
+                     "d_prompt_std": _joined([_num(p.std if p else None) for p, _ in row]),
+                     "d_empty": _joined([_num(e.mean if e else None) for _, e in row]), "w": w,
+                     "repeats_used": dp.n if dp else 0, "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _num(v) -> str:
@@ -414,14 +453,13 @@ def _w_text(w) -> str:
     return f"{w:+g}" if isinstance(w, (int, float)) else str(w)
 
 
-def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_config: dict,
-                    adapters: list[str]) -> tuple[list[Estimate], int]:
+def _empty_estimate(job: _Run, log_dir: Path, run_config: dict) -> tuple[list[Estimate], int]:
     """d("") of the fast protocol, one per adapter: read back from d_empty.json when made with the same settings,
     else computed (deterministic in --seed: every shard gets the same value) and recorded (one adapter: the
     single-adapter file; several: {"adapters": [one record each], "key", "unet_evals"})."""
     key = {k: run_config[k] for k in ("ckpt", "lora", "alpha", "image_size", "schedule", "empty_draws", "seed",
                                       "eta", "precision")}
-    key.update(ddim_steps=args.ddim_steps, t_enc=args.t_enc)
+    key.update(ddim_steps=job.args.ddim_steps, t_enc=job.args.t_enc)
     path = log_dir / "d_empty.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -430,8 +468,8 @@ def _empty_estimate(model, protocol: Protocol, args, shape, log_dir: Path, run_c
             for rec in records:
                 print(f"d(\"\") = {rec['mean']:.6g} ± {rec['sem']:.3g} (from {path})")
             return [Estimate(rec["values"]) for rec in records], 0
-    with UNetCounter(model.unet) as c, tqdm(total=protocol.empty_draws, desc='d("")') as bar:
-        ests = estimate_empty(model, protocol, args.seed, shape, bar.update, adapters=adapters)
+    with UNetCounter(job.model.unet) as c, tqdm(total=job.protocol.empty_draws, desc='d("")') as bar:
+        ests = estimate_empty(job.model, job.protocol, job.shape, job.args.seed, job.names, bar.update)
     records = [{**estimate_dict(e), "values": e.values} for e in ests]
     write_json(path, {**records[0], "key": key, "unet_evals": c.samples} if len(records) == 1 else
                {"adapters": records, "key": key, "unet_evals": c.samples})

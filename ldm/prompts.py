@@ -1,5 +1,7 @@
-"""The prompts JSON every script reads: {"target", "reference", "synonyms": [...], "other": [..., ""]}."""
+"""The prompts JSON every script reads: {"target", "reference", "synonyms": [...], "other": [..., ""]}, the prompt
+lists the scripts take from it, and the image folder of each prompt (generate_images.py's layout)."""
 import json
+import re
 from pathlib import Path
 
 from ldm.errors import UserError
@@ -32,3 +34,33 @@ def read_prompts_json(path: str | Path, need_reference: bool = False) -> dict:
         if not isinstance(data.get(key, []), list) or not all(isinstance(s, str) for s in data.get(key, [])):
             raise UserError(f"{path}: \"{key}\" must be a list of strings")
     return data
+
+
+def experiment_prompts(data: dict) -> list[str]:
+    """generate_images.py's prompts: target, synonyms, other; each once, "" dropped (the release's [:-1] dropped ""
+    or the target)."""
+    prompts = [data["target"]] + list(data.get("synonyms", [])) + list(data.get("other", []))
+    return [p for p in dict.fromkeys(prompts) if p != ""]
+
+
+def diff_prompts(data: dict) -> list[str]:
+    """compute_lora_diff.py's prompts: target, other, synonyms (the release's order), each once, and "" (added
+    last when not listed: the decision needs d(""); the release crashed later without it, fact sheet §9.8)."""
+    prompts = [data["target"]] + list(data.get("other", [])) + list(data.get("synonyms", []))
+    return list(dict.fromkeys(prompts + ([] if "" in prompts else [""])))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "prompt"
+
+
+def class_dirs(prompts: list[str]) -> dict[str, str]:
+    """{prompt: folder}: the last word (the release's class_name), or a slug of the prompt on collisions."""
+    last = {p: _slug(p.split(" ")[-1]) for p in prompts}
+    counts: dict[str, int] = {}
+    for v in last.values():
+        counts[v] = counts.get(v, 0) + 1
+    out = {p: (v if counts[v] == 1 else _slug(p)[:120]) for p, v in last.items()}
+    if len(set(out.values())) != len(out):  # slugs collide too (e.g. prompts differing by punctuation)
+        out = {p: f"{i:03d}_{v}" for i, (p, v) in enumerate(out.items())}
+    return out

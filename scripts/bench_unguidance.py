@@ -34,8 +34,12 @@ import torch  # noqa: E402
 from ldm.erasure.lora import inject_lora, lora_layers  # noqa: E402
 from ldm.erasure.stability import Estimate, StabilitySettings  # noqa: E402
 from ldm.erasure.targets import select_targets  # noqa: E402
-from ldm.erasure.unguide import (Protocol, UNetCounter, budgeted_repeats, decide, estimate_empty,  # noqa: E402
-                                 fast_diff_table, fast_prompt_estimates, margin_in_se, unguided_latents)
+from ldm.erasure.budget import UNetCounter, budgeted_repeats  # noqa: E402
+from ldm.erasure.guidance import decide, unguided_latents  # noqa: E402
+from ldm.erasure.protocols import Protocol, estimate_empty, fast_diff_table, fast_prompt_estimates  # noqa: E402
+from ldm.erasure.stability import margin_in_se  # noqa: E402
+from ldm.images import start_noise  # noqa: E402
+from ldm.prompts import diff_prompts, read_prompts_json  # noqa: E402
 from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,  # noqa: E402
                                        sample_ddim)
 from ldm.loader import build_model, resolve_device  # noqa: E402
@@ -177,9 +181,7 @@ def release_worker(args, model, device, shape, rows):
 
 
 def json_prompts(args) -> list[str]:
-    data = json.loads(Path(args.prompts_json).read_text())
-    prompts = [data["target"]] + data.get("other", []) + data.get("synonyms", [])
-    prompts = [p for p in dict.fromkeys(prompts) if p][:args.json_prompts]
+    prompts = [p for p in diff_prompts(read_prompts_json(args.prompts_json)) if p][:args.json_prompts]
     return prompts + [""]
 
 
@@ -193,24 +195,23 @@ def fast_worker(args, model, device, shape, rows, adaptive: bool):
     res = {"rows": [], "json": {}}
     with UNetCounter(model.unet) as c:
         t0 = time.time()
-        d_empty = estimate_empty(model, proto, 0, shape)
+        d_empty = estimate_empty(model, proto, shape, 0)
         res["empty_seconds"], res["empty_evals"] = time.time() - t0, c.samples
         t0, e0 = time.time(), c.samples
         for b0 in range(0, len(rows), args.batch_size):
             batch = rows[b0:b0 + args.batch_size]
-            est = fast_prompt_estimates(model, [r["prompt"] for r in batch], [r["seed"] for r in batch],
-                                        [r["guidance"] for r in batch], d_empty, proto, shape)
-            ws = [decide(e.mean, d_empty.mean, args.w1, args.w2) for e in est]
-            from ldm.images import start_noise
+            [est] = fast_prompt_estimates(model, proto, shape, [r["prompt"] for r in batch], [r["seed"] for r in batch],
+                                          [r["guidance"] for r in batch], d_empty)
+            ws = [decide(e.mean, d_empty[0].mean, args.w1, args.w2) for e in est]
             unguided_latents(model, [r["prompt"] for r in batch], start_noise([r["seed"] for r in batch], shape, device),
-                             [r["guidance"] for r in batch], ws, args.ddim_steps, release_schedule)
+                             [r["guidance"] for r in batch], [ws], args.ddim_steps, release_schedule)
             for r, e, w in zip(batch, est, ws):
-                res["rows"].append({"idx": r["idx"], "d_p": e.mean, "d_e": d_empty.mean, "w": w, "repeats": e.n})
+                res["rows"].append({"idx": r["idx"], "d_p": e.mean, "d_e": d_empty[0].mean, "w": w, "repeats": e.n})
         res["i2p_seconds"], res["i2p_evals"] = time.time() - t0, c.samples - e0
         if args.json_prompts:
             t0, e0 = time.time(), c.samples
             jp = replace_repeats(proto, args.json_repeats)
-            table, empty = fast_diff_table(model, json_prompts(args), jp, 42, shape)
+            [(table, empty)] = fast_diff_table(model, jp, shape, json_prompts(args), 42)
             res["json"] = {"seconds": time.time() - t0, "evals": c.samples - e0,
                            "decisions": {p: {"w": decide(e.mean, empty.mean, args.w1, args.w2)}
                                          for p, e in table.items() if p}}
@@ -224,7 +225,6 @@ def replace_repeats(proto: Protocol, repeats: int) -> Protocol:
 
 def check_worker(args, model, device, shape, rows):
     """Final latents of our one-model sampler vs the two-model formula, same w, both schedules."""
-    from ldm.images import start_noise
     out = {}
     r = rows[0]
     x = start_noise([r["seed"]], shape, device)

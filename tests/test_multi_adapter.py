@@ -19,7 +19,9 @@ from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, remove_lora
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.targets import select_targets
-from ldm.erasure.unguide import Protocol, UNetCounter, fast_diff_table, unguided_latents
+from ldm.erasure.budget import UNetCounter
+from ldm.erasure.guidance import unguided_latents
+from ldm.erasure.protocols import Protocol, fast_diff_table
 from ldm.images import start_noise
 
 STEPS, SIZE, SEED = 4, 16, 11
@@ -136,24 +138,24 @@ def test_two_adapters_match_the_formula(world, tmp_path, monkeypatch):
             assert rel_err(z, wrong) > 1e-2
 
 
-def test_one_adapter_through_the_multi_path_is_the_single_path(world):
+def test_one_adapter_named_or_taken_from_the_model_is_the_same(world):
     base, _, (a, b) = world
     m = copy.deepcopy(base)
     load_adapter(a, m.unet)
     x_T = start_noise([1, 2, 3], SHAPE, torch.device("cpu"))
-    single = unguided_latents(m, PROMPTS[:3], x_T, 7.5, [-1.0, 2.0, 0.0], STEPS)
-    multi = unguided_latents(m, PROMPTS[:3], x_T, 7.5, [[-1.0, 2.0, 0.0]], STEPS, adapters=["lora"])
-    assert torch.equal(single, multi)
+    implicit = unguided_latents(m, PROMPTS[:3], x_T, 7.5, [[-1.0, 2.0, 0.0]], STEPS)
+    named = unguided_latents(m, PROMPTS[:3], x_T, 7.5, [[-1.0, 2.0, 0.0]], STEPS, adapters=["lora"])
+    assert torch.equal(implicit, named)
     proto = Protocol("fast", StabilitySettings(STEPS * 2, 5, 7.5), repeats=3, empty_draws=4)
-    table, empty = fast_diff_table(m, PROMPTS, proto, 5, SHAPE)
-    [(table1, empty1)] = fast_diff_table(m, PROMPTS, proto, 5, SHAPE, adapters=["lora"])
+    [(table, empty)] = fast_diff_table(m, proto, SHAPE, PROMPTS, 5)
+    [(table1, empty1)] = fast_diff_table(m, proto, SHAPE, PROMPTS, 5, adapters=["lora"])
     assert empty.values == empty1.values and all(table[p].values == table1[p].values for p in PROMPTS)
     # with a second adapter loaded, adapter a's test is unchanged (one batched test, each adapter alone)
     load_adapter(b, m.unet, name="lora1")
-    both = fast_diff_table(m, PROMPTS, proto, 5, SHAPE, adapters=["lora", "lora1"])
+    both = fast_diff_table(m, proto, SHAPE, PROMPTS, 5)                # every adapter of the model, in order
     assert all(rel_err(torch.tensor(both[0][0][p].values), torch.tensor(table[p].values)) < 1e-5 for p in PROMPTS)
     remove_lora(m.unet, "lora")
-    b_alone = fast_diff_table(m, PROMPTS, proto, 5, SHAPE, adapters=["lora1"])[0]
+    b_alone = fast_diff_table(m, proto, SHAPE, PROMPTS, 5, adapters=["lora1"])[0]
     assert all(rel_err(torch.tensor(both[1][0][p].values), torch.tensor(b_alone[0][p].values)) < 1e-5
                for p in PROMPTS)
 

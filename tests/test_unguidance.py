@@ -1,4 +1,5 @@
-"""UnGuidance orchestration (ldm/erasure/unguide.py and the three scripts) on the tiny model, CPU.
+"""UnGuidance orchestration (ldm/erasure/protocols.py, budget.py, guidance.py and the three scripts) on the tiny
+model, CPU.
 
 The reference for every protocol is a plain re-statement of the formulas with TWO models (the base model and a
 deepcopy with the adapter merged into its weights), its own DDIM loop and its own draws.
@@ -19,9 +20,10 @@ from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
 from ldm.erasure.stability import Estimate, StabilitySettings
 from ldm.erasure.targets import select_targets
-from ldm.erasure.unguide import (Protocol, UNetCounter, decide, estimate_empty, evals_per_draw, evals_per_image,
-                                 fast_prompt_estimates, release_diff_table, release_row_estimates,
-                                 repeats_within_budget, unguided_latents)
+from ldm.erasure.budget import UNetCounter, evals_per_draw, evals_per_image, repeats_within_budget
+from ldm.erasure.guidance import decide, unguided_latents
+from ldm.erasure.protocols import (Protocol, estimate_empty, fast_prompt_estimates, release_diff_table,
+                                   release_row_estimates)
 
 S, T_ENC, SIZE = 10, 6, 16         # DDIM steps, t_enc, image size (latent 8x8 with the tiny config)
 SHAPE = (4, 8, 8)
@@ -114,17 +116,17 @@ def test_fast_path_matches_two_model_formulas(models):
     one, base, merged, *_ = models
     proto = Protocol("fast", settings(), repeats=3, empty_draws=4)
     with UNetCounter(one.unet) as c:
-        d_empty = estimate_empty(one, proto, 0, SHAPE)
+        [d_empty] = estimate_empty(one, proto, SHAPE, 0)
     assert c.samples == 4 * (ref_partial(False) * 1 + 2)      # "" trajectory: one sample per step
     x, ts = ref_draws(0, 4)
     ref_empty = torch.cat([ref_d(base, merged, "", x[i:i + 1], ts[i], 7.5, False) for i in range(4)])
     assert rel_err(torch.tensor(d_empty.values), ref_empty) < 1e-4
     with UNetCounter(one.unet) as c:
-        est = fast_prompt_estimates(one, PROMPTS, SEEDS, GUIDANCE, d_empty, proto, SHAPE)
+        [est] = fast_prompt_estimates(one, proto, SHAPE, PROMPTS, SEEDS, GUIDANCE, [d_empty])
     assert c.samples == 3 * 3 * (2 * ref_partial(False) + 2)
     ws = [decide(e.mean, d_empty.mean, -1.0, 2.0) for e in est]
     x_T = torch.cat([ref_draws(s, 1)[0] for s in SEEDS])
-    z = unguided_latents(one, PROMPTS, x_T, GUIDANCE, ws, S)
+    z = unguided_latents(one, PROMPTS, x_T, GUIDANCE, [ws], S)
     ref_means = []
     for k, (p, s, g) in enumerate(zip(PROMPTS, SEEDS, GUIDANCE)):
         x, ts = ref_draws(s, 3)
@@ -157,7 +159,7 @@ def test_release_rows_match_two_model_release_procedure(models):
     r = 3
     proto = Protocol("release", settings(True), repeats=r)
     with UNetCounter(one.unet) as c:
-        pairs = release_row_estimates(one, PROMPTS, SEEDS, GUIDANCE, proto, SHAPE)
+        [pairs] = release_row_estimates(one, proto, SHAPE, PROMPTS, SEEDS, GUIDANCE)
     assert c.samples == len(PROMPTS) * r * 2 * (2 * ref_partial(True) + 2)
     lo, hi = round(T_ENC / S * 1000), round((T_ENC + 1) / S * 1000)
     for (dp, de), p, s, g in zip(pairs, PROMPTS, SEEDS, GUIDANCE):
@@ -182,7 +184,7 @@ def test_release_diff_table_matches_release_procedure(models):
     one, base, merged, *_ = models
     proto = Protocol("release", settings(True), repeats=4)
     prompts = ["a photo of the horse", ""]
-    table = release_diff_table(one, prompts, proto, 42, 2, SHAPE)
+    [table] = release_diff_table(one, proto, SHAPE, prompts, 42, 2)
     gen = torch.Generator().manual_seed(42)
     lo, hi = round(T_ENC / S * 1000), round((T_ENC + 1) / S * 1000)
     ref = {p: [] for p in prompts}
@@ -198,16 +200,16 @@ def test_release_diff_table_matches_release_procedure(models):
 def test_adaptive_draws_are_a_prefix_and_stop_early(models):
     one, *_ = models
     d_empty = Estimate([100.0] * 8)  # far away: every decision is clear after min_repeats
-    full = fast_prompt_estimates(one, PROMPTS[:2], SEEDS[:2], GUIDANCE[:2], d_empty,
-                                 Protocol("fast", settings(), repeats=5), SHAPE)
-    ada = fast_prompt_estimates(one, PROMPTS[:2], SEEDS[:2], GUIDANCE[:2], d_empty,
-                                Protocol("fast", settings(), repeats=5, adaptive=True, min_repeats=2), SHAPE)
+    [full] = fast_prompt_estimates(one, Protocol("fast", settings(), repeats=5), SHAPE, PROMPTS[:2], SEEDS[:2],
+                                   GUIDANCE[:2], [d_empty])
+    [ada] = fast_prompt_estimates(one, Protocol("fast", settings(), repeats=5, adaptive=True, min_repeats=2), SHAPE,
+                                  PROMPTS[:2], SEEDS[:2], GUIDANCE[:2], [d_empty])
     assert [e.n for e in ada] == [2, 2]
     for a, f in zip(ada, full):
         assert rel_err(torch.tensor(a.values), torch.tensor(f.values[:2])) < 1e-5
     close = Estimate([full[0].mean] * 8)  # no margin: runs to `repeats`
-    ada2 = fast_prompt_estimates(one, PROMPTS[:1], SEEDS[:1], GUIDANCE[:1], close,
-                                 Protocol("fast", settings(), repeats=5, adaptive=True, min_repeats=2), SHAPE)
+    [ada2] = fast_prompt_estimates(one, Protocol("fast", settings(), repeats=5, adaptive=True, min_repeats=2),
+                                   SHAPE, PROMPTS[:1], SEEDS[:1], GUIDANCE[:1], [close])
     assert ada2[0].n == 5
 
 

@@ -13,11 +13,17 @@ The predictions of a step come from ONE UNet call: for B prompts, [u, c] of the 
 to 0) and [u, c] of each adapter k (adapter k scaled to 1, the others to 0), 2B (1 + K) samples on one copy
 of the weights. An adapter whose w_k is 1 for every sample contributes nothing and is not evaluated; nor is
 the base when its total weight 1 - sum_k (1 - w_k) is 0 (a single adapter with w = 0).
+
+Here: the rule (decide), the model function of a step (unguidance_model_fn) and the sampler (unguided_latents).
+The stability test that feeds the rule is ldm.erasure.stability (one batch) and ldm.erasure.protocols (draws,
+repeats, the release's and the fast protocol).
 """
+from typing import Sequence
+
 import torch
 
 from ldm.erasure.lora import adapter_names, adapter_scale
-from ldm.models.diffusion.ddim import ModelFn, cfg_model_fn
+from ldm.models.diffusion.ddim import ModelFn, cfg_model_fn, ddim_timesteps, sample_ddim
 
 Weight = float | torch.Tensor  # a float, or one value per sample [B]
 
@@ -69,3 +75,46 @@ def decide_w(d_prompt: float, d_empty: float, w1: float = -1.0, w2: float = 2.0)
     """The release's rule: the adapter governs (w1) when it moves this prompt's prediction more than the
     empty prompt's; otherwise the base model does (w2). Ties go to w2."""
     return w1 if d_prompt > d_empty else w2
+
+
+def decide(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
+    """The release's rule on the two means (floats or 0-d tensors; ties -> w2)."""
+    return decide_w(float(d_prompt), float(d_empty), w1, w2)
+
+
+def encode_prompts(model, prompts: Sequence[str]) -> torch.Tensor:
+    """[len(prompts), 77, D], each distinct prompt encoded once."""
+    uniq = list(dict.fromkeys(prompts))
+    emb = model.get_learned_conditioning(uniq)
+    pos = {p: i for i, p in enumerate(uniq)}
+    return emb[torch.tensor([pos[p] for p in prompts], device=emb.device)]
+
+
+def per_sample(values: float | Sequence[float], device: torch.device) -> Weight:
+    """A float, or one value per sample: a float when they are all equal, else a tensor [B] on `device`."""
+    if isinstance(values, (int, float)):
+        return float(values)
+    v = torch.tensor([float(a) for a in values])
+    return float(v[0]) if bool((v == v[0]).all()) else v.to(device)
+
+
+@torch.no_grad()
+def unguided_latents(model, prompts: Sequence[str], x_T: torch.Tensor, guidances: float | Sequence[float],
+                     ws: Sequence[float | Sequence[float]], steps: int = 50, release_schedule: bool = False,
+                     eta: float = 0.0, generator: torch.Generator | None = None, verbose: bool = False,
+                     adapters: Sequence[str] | None = None) -> torch.Tensor:
+    """DDIM with eps = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base) per sample -> final latents [B, C, h, w].
+
+    ws[k] is adapter k's weight (a float, or one per sample) for the k-th name of `adapters` (default: every
+    adapter of the model, in injection order). One UNet call of 2B (1 + #adapters with some w_k != 1) samples
+    per step (one adapter: 4B, or 2B when every w is 1 or every w is 0); no adapter and ws == []: the base model.
+    """
+    device, dtype = model.device, model.dtype
+    names = adapter_names(model.unet) if adapters is None else list(adapters)
+    cond = encode_prompts(model, prompts)
+    uncond = model.get_learned_conditioning([""]).expand(len(prompts), -1, -1)
+    fn = unguidance_model_fn(model, cond, uncond, per_sample(guidances, device),
+                             [per_sample(v, device) for v in ws], names)
+    timesteps = ddim_timesteps(steps, model.num_timesteps, release_schedule)
+    return sample_ddim(fn, x_T.to(device=device, dtype=dtype), model.alphas_cumprod, timesteps, eta=eta,
+                       generator=generator, verbose=verbose, desc="UnGuidance")

@@ -8,6 +8,9 @@ compared with d("") for the decision (ldm.erasure.guidance.decide_w).
 
 Step 2 is one UNet call of 2n samples with per-sample adapter scales [0]*n + [1]*n (with K adapters, one
 call of n (1 + K) samples, each adapter alone in its chunk).
+
+Here: the settings of the test, latent_diffs (one batch of samples) and Estimate (repeated measurements) with
+its margins. Draws, repeats and the two protocols: ldm.erasure.draws and ldm.erasure.protocols.
 """
 import math
 from dataclasses import dataclass
@@ -52,18 +55,6 @@ def latent_diffs(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Ten
     return torch.stack([(e - e_base).flatten(1).norm(dim=1) for e in e_adapted]).cpu()
 
 
-def latent_diff(model, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t: torch.Tensor,
-                settings: StabilitySettings, guidance: float | torch.Tensor | None = None,
-                generator: torch.Generator | None = None, adapter: str | None = None) -> torch.Tensor:
-    """d for n samples of one adapter (the model's only one when not named) -> [n] (float32, CPU)."""
-    if adapter is None:
-        names = adapter_names(model.unet)
-        if len(names) != 1:
-            raise ValueError(f"latent_diff: the model carries adapters {names}; name one")
-        adapter = names[0]
-    return latent_diffs(model, cond, uncond, x_T, t, settings, [adapter], guidance, generator)[0]
-
-
 @dataclass
 class Estimate:
     """Mean, standard deviation and count of repeated d measurements."""
@@ -95,3 +86,14 @@ def clear_margin(d_prompt: Estimate, d_empty: Estimate, k: float) -> bool:
         return False
     se = math.sqrt(d_prompt.sem ** 2 + d_empty.sem ** 2)
     return abs(d_prompt.mean - d_empty.mean) > k * se
+
+
+def margin_in_se(d_prompt: Estimate, d_empty: Estimate) -> float:
+    """|mean d(p) - mean d("")| in combined standard errors (inf when both are exact)."""
+    se = math.sqrt(d_prompt.sem ** 2 + d_empty.sem ** 2) if d_prompt.n and d_empty.n else 0.0
+    diff = abs(d_prompt.mean - d_empty.mean)
+    return diff / se if se > 0 else (math.inf if diff > 0 else 0.0)
+
+
+def estimate_dict(e: Estimate) -> dict:
+    return {"mean": e.mean, "std": e.std, "sem": e.sem, "count": e.n}

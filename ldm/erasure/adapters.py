@@ -1,0 +1,96 @@
+"""Adapter sets of a sampling run (one adapter per erased concept) and their decisions w_k.
+
+Loading: adapter k of a run is named "lora" / f"lora{k}" in the model (adapter_name); the same adapter twice
+(same file or same content) is refused (check_distinct). Decisions: w_k per prompt, from a stability test's
+estimates (decide_pairs), from calc_diff_results.json files (diff_decisions, read_diff_decisions), and
+--skip_unrelated (skip_unrelated: an adapter decided w2 gets w = 1, contributing nothing and costing nothing).
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ldm.erasure.guidance import decide
+from ldm.erasure.io import load_adapter
+from ldm.erasure.lora import lora_layers
+from ldm.erasure.stability import Estimate
+from ldm.errors import UserError
+
+
+def adapter_name(k: int) -> str:
+    """The model's name of the k-th adapter of a run: "lora", "lora1", "lora2", ..."""
+    return "lora" if k == 0 else f"lora{k}"
+
+
+def check_distinct(paths: list) -> None:
+    """The same adapter twice (same file, or the same content under two names) would double its weight: refused."""
+    seen: dict = {}
+    for p in map(Path, paths):
+        if not p.is_file():
+            continue  # load_adapter says so
+        key = p.resolve()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        for other, (okey, odigest) in seen.items():
+            if key == okey or digest == odigest:
+                why = "the same file" if key == okey else f"the same content (sha256 {digest[:12]})"
+                raise UserError(f"adapters {other} and {p} are {why}: give each adapter once")
+        seen[p] = (key, digest)
+
+
+def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
+    """Load adapter k as "lora" / f"lora{k}"; note (one line) modules that two adapters adapt with other ranks."""
+    check_distinct(paths)
+    names, ranks = [], []
+    for k, path in enumerate(paths):
+        info = load_adapter(path, model.unet, alpha=alpha, name=adapter_name(k))
+        layers = lora_layers(model.unet, info.name)
+        ranks.append({t: getattr(layers[t], info.name).rank for t in info.targets})
+        names.append(info.name)
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            differ = sorted(t for t in ranks[i].keys() & ranks[j].keys() if ranks[i][t] != ranks[j][t])
+            if differ:
+                t = differ[0]
+                print(f"note: {paths[i]} and {paths[j]} both adapt {len(differ)} module(s) with different ranks "
+                      f"(e.g. {t}: {ranks[i][t]} vs {ranks[j][t]}); they add up there, each with its own weight",
+                      file=sys.stderr)
+    return names
+
+
+def decide_pairs(pairs: Sequence[tuple[Estimate, Estimate]], w1: float, w2: float) -> list[float]:
+    """One prompt's [w_k] from its (d_k(p), d_k("")) per adapter."""
+    return [decide(dp.mean, de.mean, w1, w2) for dp, de in pairs]
+
+
+def skip_unrelated(ws: list[float], w2: float) -> list[float]:
+    """--skip_unrelated, one prompt's [w_k]: an adapter decided w2 gets w = 1 (contributes 0, not evaluated)."""
+    return [1.0 if v == w2 else v for v in ws]
+
+
+def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str) -> dict[str, float]:
+    """{prompt: w} of one adapter from its calc_diff_results.json (compute_lora_diff.py); UserError naming
+    `source` when it lacks d("") or a prompt."""
+    avgs = results.get("prompt_avgs")
+    if not isinstance(avgs, dict):
+        raise UserError(f"{source}: no prompt_avgs (not a calc_diff_results.json?)")
+    if "" not in avgs:
+        raise UserError(f"{source}: has no d(\"\") (prompt_avgs[\"\"]); rerun compute_lora_diff.py, which always "
+                        "measures it")
+    missing = [p for p in prompts if p not in avgs]
+    if missing:
+        raise UserError(f"{source}: no d(p) for {len(missing)} prompt(s), e.g. {missing[0]!r}; rerun "
+                        "compute_lora_diff.py with these prompts")
+    return {p: decide(avgs[p], avgs[""], w1, w2) for p in prompts}
+
+
+def read_diff_decisions(paths: Sequence, prompts: list[str], w1: float, w2: float,
+                        missing_hint: str = "") -> dict[str, list[float]]:
+    """{prompt: [w_k]} from one calc_diff_results.json per adapter (same order); UserError for a missing file
+    (with missing_hint appended)."""
+    per = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"{path}: " + (f"not found; {missing_hint}" if missing_hint else "diff results not found"))
+        per.append(diff_decisions(json.loads(path.read_text(encoding="utf-8")), prompts, w1, w2, str(path)))
+    return {p: [d[p] for d in per] for p in prompts}

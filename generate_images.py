@@ -38,7 +38,7 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.lora import remove_lora
 from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
-from ldm.images import save_image, start_noise, to_pil
+from ldm.images import save_images, start_noise
 from ldm.prompts import class_dirs, experiment_prompts, read_prompts_json
 
 
@@ -99,9 +99,10 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
             z = unguided_latents(model, ps, start_noise(seeds, shape, device), args.guidance,
                                  [[ws[p][k] for p in ps] for k in range(len(adapters))], args.steps,
                                  args.protocol == "release", adapters=adapters)
-            for (p, idx), img in zip(batch, to_pil(model.decode_first_stage(z))):
-                save_image(img, img_root / dirs[p] / f"{idx:05d}.jpg")
-                written += 1
+            # --protocol release writes the release's files (truncated to uint8, JPEG 75): ldm.images.IMAGE_FORMATS
+            save_images(model.decode_first_stage(z), [img_root / dirs[p] / f"{idx:05d}.jpg" for p, idx in batch],
+                        "release" if args.protocol == "release" else "ours")
+            written += len(batch)
             bar.set_postfix_str(f"w={_fmt(ws[ps[-1]])} {ps[-1][:40]!r}")
             bar.update(len(batch))
     return written

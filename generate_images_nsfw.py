@@ -50,7 +50,7 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
-from ldm.images import save_image, start_noise, to_pil
+from ldm.images import IMAGE_FORMATS, save_image, start_noise, to_pil
 
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
@@ -345,7 +345,13 @@ def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
             "schedule": "release" if protocol.settings.release_schedule else "standard",
             "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
             "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
-            "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision}
+            "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision,
+            "image_format": _image_format(args)}
+
+
+def _image_format(args) -> str:
+    """How image files are written (ldm.images.IMAGE_FORMATS): the release's files under --protocol release."""
+    return "release" if args.protocol == "release" else "ours"
 
 
 def _prepare_logs(log_dir: Path, img_dir: Path, run_config: dict, notes: list[str], rank: int) -> None:
@@ -413,10 +419,11 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
                                  args.ddim_steps, job.protocol.settings.release_schedule, args.ddim_eta,
                                  generator=torch.Generator(job.device).manual_seed(reduce_seed(seeds[0])),
                                  adapters=job.names)
-            images = to_pil(model.decode_first_stage(z))
+            fmt = IMAGE_FORMATS[_image_format(args)]
+            images = to_pil(model.decode_first_stage(z), fmt["rounding"])
             secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):
-                save_image(img, image_path(img_dir, r["idx"]))  # the image first, then its decisions line
+                save_image(img, image_path(img_dir, r["idx"]), fmt["quality"])  # the image first, then its decisions
                 w = _joined(w_row) if w_row else job.fixed_w
                 _write_decision(writer, fh, r, row, w, evals, secs)
                 stats[w] += 1

@@ -181,19 +181,25 @@ def test_release_rows_match_two_model_release_procedure(models):
 
 
 def test_release_diff_table_matches_release_procedure(models):
+    """Three chunks of the release's compute_lora_diff: one generator draws each chunk's start codes and t, and its
+    DDIM sampler, handed the same generator, draws one noise tensor per step for each prompt in turn (discarded at
+    eta 0), so the next chunk's start codes come after those draws."""
     one, base, merged, *_ = models
-    proto = Protocol("release", settings(True), repeats=4)
+    proto = Protocol("release", settings(True), repeats=6)
     prompts = ["a photo of the horse", ""]
     [table] = release_diff_table(one, proto, SHAPE, prompts, 42, 2)
     gen = torch.Generator().manual_seed(42)
     lo, hi = round(T_ENC / S * 1000), round((T_ENC + 1) / S * 1000)
     ref = {p: [] for p in prompts}
-    for _ in range(2):
+    for _ in range(3):
         codes = torch.randn((2, *SHAPE), generator=gen)
         t = torch.randint(lo, hi, (2,), generator=gen)
         for p in prompts:
             ref[p].append(ref_d(base, merged, p, codes, t, 7.5, True))
+            for _ in range(ref_partial(True)):  # the sampler's eta-noise, one [n, C, h, w] draw a step
+                torch.randn((2, *SHAPE), generator=gen)
     for p in prompts:
+        assert len(table[p]) == 6
         assert rel_err(torch.tensor(table[p]), torch.cat(ref[p])) < 1e-4
 
 

@@ -47,6 +47,7 @@ from ldm.erasure.guidance import encode_prompts, per_sample
 from ldm.erasure.lora import adapter_names
 from ldm.erasure.stability import Estimate, StabilitySettings, clear_margin, latent_diffs
 from ldm.errors import UserError
+from ldm.models.diffusion.ddim import partial_steps
 
 Shape = tuple[int, int, int]
 Progress = Callable[[int], None] | None
@@ -228,16 +229,21 @@ def release_diff_table(model, protocol: Protocol, shape: Shape, prompts: Sequenc
                        n_samples: int, adapters: Sequence[str] | None = None, progress: Progress = None
                        ) -> list[dict[str, list[float]]]:
     """The release's compute_lora_diff: per adapter {prompt: [d per sample]} over ceil(repeats / n_samples)
-    chunks of n_samples start codes and timesteps shared by all prompts (one generator seeded with `seed`).
+    chunks of n_samples start codes and timesteps shared by all prompts (one generator seeded with `seed`, which
+    the release also hands to its sampler: the draws it makes between chunks are made and discarded here).
     progress: one unit per chunk."""
     names = _names(model, adapters)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     gen = torch.Generator().manual_seed(reduce_seed(seed))
     uniq = list(dict.fromkeys(prompts))
     tables: list[dict[str, list[float]]] = [{p: [] for p in uniq} for _ in names]
+    sampler_steps = partial_steps(protocol.settings.ddim_steps, protocol.settings.t_enc,
+                                  protocol.settings.release_schedule)
     for _ in range(0, protocol.repeats, n_samples):
         codes = torch.randn((n_samples, *shape), generator=gen)
         t = torch.randint(lo, hi, (n_samples,), generator=gen)
+        for _ in range(len(uniq) * sampler_steps):  # the release's DDIM sampler shares `gen`: at every step of each
+            torch.randn((n_samples, *shape), generator=gen)  # prompt's trajectory it draws eta-noise (x 0 at eta 0)
         batch_p = [p for p in uniq for _ in range(n_samples)]
         d = diffs(model, protocol, batch_p, codes.repeat(len(uniq), 1, 1, 1), t.repeat(len(uniq)),
                   protocol.settings.guidance, adapters=names)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, load_model, positive, run
+from ldm.cli import add_model_args, image_autocast, load_model, positive, run
 from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, read_diff_decisions, skip_unrelated
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.guidance import unguided_latents
@@ -39,6 +39,7 @@ from ldm.erasure.lora import remove_lora
 from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
 from ldm.images import save_images, start_noise
+from ldm.loader import autocast
 from ldm.prompts import class_dirs, experiment_prompts, read_prompts_json
 
 
@@ -96,11 +97,13 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
             batch = jobs[b0:b0 + args.batch_size]
             ps = [p for p, _ in batch]
             seeds = [args.seed + idx for _, idx in batch]
-            z = unguided_latents(model, ps, start_noise(seeds, shape, device), args.guidance,
-                                 [[ws[p][k] for p in ps] for k in range(len(adapters))], args.steps,
-                                 args.protocol == "release", adapters=adapters)
+            with autocast(device, image_autocast(args)):  # the release's fp16 image, fp32 test: ldm.cli
+                z = unguided_latents(model, ps, start_noise(seeds, shape, device), args.guidance,
+                                     [[ws[p][k] for p in ps] for k in range(len(adapters))], args.steps,
+                                     args.protocol == "release", adapters=adapters)
+                decoded = model.decode_first_stage(z).float()
             # --protocol release writes the release's files (truncated to uint8, JPEG 75): ldm.images.IMAGE_FORMATS
-            save_images(model.decode_first_stage(z), [img_root / dirs[p] / f"{idx:05d}.jpg" for p, idx in batch],
+            save_images(decoded, [img_root / dirs[p] / f"{idx:05d}.jpg" for p, idx in batch],
                         "release" if args.protocol == "release" else "ours")
             written += len(batch)
             bar.set_postfix_str(f"w={_fmt(ws[ps[-1]])} {ps[-1][:40]!r}")

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, load_model, positive, run, write_json
+from ldm.cli import add_model_args, image_autocast, load_model, positive, run, write_json
 from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, skip_unrelated
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
@@ -51,6 +51,7 @@ from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags,
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, save_image, start_noise, to_pil
+from ldm.loader import autocast
 
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
@@ -414,13 +415,16 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
             t0, e0 = time.time(), counter.samples
             pairs, ws = _decide_rows(job, batch)
             prompts, seeds = [r["prompt"] for r in batch], [r["seed"] for r in batch]
-            z = unguided_latents(model, prompts, start_noise(seeds, job.shape, job.device),
-                                 [r["guidance"] for r in batch], [[row[k] for row in ws] for k in range(len(job.names))],
-                                 args.ddim_steps, job.protocol.settings.release_schedule, args.ddim_eta,
-                                 generator=torch.Generator(job.device).manual_seed(reduce_seed(seeds[0])),
-                                 adapters=job.names)
+            with autocast(job.device, image_autocast(args)):  # the release's fp16 image, fp32 test: ldm.cli
+                z = unguided_latents(model, prompts, start_noise(seeds, job.shape, job.device),
+                                     [r["guidance"] for r in batch],
+                                     [[row[k] for row in ws] for k in range(len(job.names))],
+                                     args.ddim_steps, job.protocol.settings.release_schedule, args.ddim_eta,
+                                     generator=torch.Generator(job.device).manual_seed(reduce_seed(seeds[0])),
+                                     adapters=job.names)
+                decoded = model.decode_first_stage(z).float()
             fmt = IMAGE_FORMATS[_image_format(args)]
-            images = to_pil(model.decode_first_stage(z), fmt["rounding"])
+            images = to_pil(decoded, fmt["rounding"])
             secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):
                 save_image(img, image_path(img_dir, r["idx"]), fmt["quality"])  # the image first, then its decisions

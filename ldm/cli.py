@@ -34,8 +34,19 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
                    help="allow the config to name classes outside this project's models (imports them: trusted only)")
 
 
+def image_autocast(args) -> str | None:
+    """--precision under --protocol release: the release keeps fp32 weights, runs the stability test in fp32 and
+    generates the image under autocast at that precision -> the autocast precision, or None where the weights are
+    cast to --precision instead (our protocol: test and image both at --precision)."""
+    release = getattr(args, "protocol", None) == "release"
+    return args.precision if release and args.precision != "fp32" else None
+
+
 def load_model(args, precision: str | None = None):
-    """Device and dtype are decided here, once, from --device and --precision, and returned with the model."""
+    """Device and dtype are decided here, once, from --device and --precision, and returned with the model.
+    Weights stay fp32 where image_autocast(args) says the image alone runs in half precision."""
+    if precision is None and image_autocast(args):
+        precision = "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -14,6 +14,7 @@ Key names: the released checkpoints name the text encoder `cond_stage_model.tran
 transformers 5.x's CLIPTextModel has no `text_model.` level in its own state dict; `release_key` maps our
 module names to the released ones whichever version is installed, in both directions.
 """
+import contextlib
 import hashlib
 import pickle
 from pathlib import Path
@@ -218,6 +219,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str | None):
+    """torch.autocast at `precision` on `device` (None or fp32: no autocast)."""
+    if precision is None or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=resolve_dtype(precision, device))
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -454,3 +454,31 @@ def test_generate_images_modes(models, tmp_path):
                           "--prompt", "a photo of the cat", "--w1", "1", "--w2", "1", "--samples", "1",
                           "--steps", "4", "--image_size", str(SIZE)])
     assert (out / "images" / "cat" / "00000.jpg").is_file()
+
+
+@pytest.mark.parametrize("protocol, test_autocast, image_autocast, weights", [
+    ("release", False, True, torch.float32),   # the release: fp32 weights and test, the image under autocast
+    ("fast", False, False, torch.bfloat16),    # ours: the weights cast to --precision, no autocast anywhere
+])
+def test_precision_per_protocol(models, tmp_path, monkeypatch, protocol, test_autocast, image_autocast, weights):
+    """Which UNet calls run under autocast with --precision bf16 (CPU autocast stands in for CUDA's fp16)."""
+    import ldm.cli
+    write_csv(tmp_path / "p.csv", [[0, "a red car on a road", 7, 7.5, 0]])
+    calls = []
+    real_load = ldm.cli.load_model
+
+    def load_and_watch(args, precision=None):
+        model, device = real_load(args, precision)
+        model.unet.register_forward_hook(lambda m, a, out: calls.append(
+            (torch.is_autocast_enabled("cpu"), m.out[-1].weight.dtype, out.shape[0])))
+        return model, device
+    monkeypatch.setattr(generate_images_nsfw, "load_model", load_and_watch)
+    extra = ["--repeats", "2", "--precision", "bf16", "--device", "cpu", "--protocol", protocol]
+    extra += ["--no_adaptive", "--empty_draws", "2"] if protocol == "fast" else []
+    generate_images_nsfw.main(nsfw_args(models, tmp_path, *extra))
+    from ldm.models.diffusion.ddim import ddim_timesteps
+    steps = len(ddim_timesteps(S, release_schedule=protocol == "release"))
+    image_calls, test_calls = calls[-steps:], calls[:-steps]  # the image is sampled after its row's test
+    assert test_calls and all(c[0] == test_autocast for c in test_calls)
+    assert all(c[0] == image_autocast and c[2] == 4 for c in image_calls)  # 4 = [u, c] x [base, adapted]
+    assert all(c[1] == weights for c in calls)

@@ -89,6 +89,13 @@ class LatentDiffusion(nn.Module):
         for name, value in make_schedule(self.linear_start, self.linear_end, self.num_timesteps).items():
             self.register_buffer(name, value.to(device), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device, dtype) and friends: the weights follow; the schedule is rebuilt in float32 on the new device
+        (in bf16/fp16, alpha_bar_t near 1 would round to exactly 1 and DDIM would divide by zero)."""
+        super()._apply(fn, *args, **kwargs)
+        self.register_schedule()
+        return self
+
     def rebuild_buffers(self) -> None:
         """Recreate non-persistent buffers after the weights were assigned to a model built on `meta`."""
         self.register_schedule()

@@ -3,13 +3,15 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (as Stable Diffusion does under fp16)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # weights cast too: CPU kernels refuse mixed dtypes
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:

@@ -6,7 +6,10 @@ the release's .pth), calc_diff_results.json (compute_lora_diff.py) and train_con
         --output_dir output/ --samples 10 --steps 50 --w1 -1 --w2 2 --seed 2024
     -> output/<exp>/images/<class>/<idx:05d>.jpg  for the target, synonyms and others ("" dropped)
 Explicit mode: --lora with --prompts_json or --prompt (repeatable); --diff_results, or the stability test runs on
-the fly (fast protocol) -> output_dir/images/<class>/<idx:05d>.jpg.
+the fly (fast protocol) -> output_dir/images/<class>/<idx:05d>.jpg, output_dir/run_config.json (what made the
+images: the base weights and adapters by content fingerprint, w1, w2, steps, CFG, seed, size, protocol; a rerun
+with other settings is refused) and output_dir/decisions.json ({prompt: {folder, w, d, d_empty}} per adapter;
+d only where the test ran here). A rerun may add prompts: earlier prompts keep their folders.
 
 w = w1 when d(p) > d("") else w2. --w1 0 --w2 0: the adapter alone; --w1 1 --w2 1: the base model alone (no
 adapter loaded, no stability test). Image idx uses seed + idx (a CPU generator: the same picture on CPU and CUDA).
@@ -24,15 +27,15 @@ the same content, is refused.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, image_autocast, load_model, positive, run
-from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, read_diff_decisions, skip_unrelated
+from ldm.cli import add_model_args, image_autocast, load_model, positive, run, write_json
+from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
+                                  skip_unrelated)
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.lora import remove_lora
@@ -40,7 +43,8 @@ from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
 from ldm.images import save_images, start_noise
 from ldm.loader import autocast
-from ldm.prompts import class_dirs, experiment_prompts, read_prompts_json
+from ldm.prompts import class_dirs, experiment_prompts, extend_class_dirs, read_prompts_json
+from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
 
 
 def _images_of(img_root: Path) -> int:
@@ -81,11 +85,12 @@ def _fmt(w: list[float]) -> str:
 
 
 def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_root: Path, args,
-             adapters: list[str]) -> int:
+             adapters: list[str], dirs: dict[str, str] | None = None) -> int:
     """Missing images of every prompt -> img_root/<class>/<idx:05d>.jpg; returns the number written.
-    ws[p][k] is prompt p's weight for adapters[k] (no adapter: ws[p] == [] and the base model samples)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dirs = class_dirs(prompts)
+    ws[p][k] is prompt p's weight for adapters[k] (no adapter: ws[p] == [] and the base model samples);
+    dirs: {prompt: folder} (default: class_dirs)."""
+    rank, world = shard()
+    dirs = dirs or class_dirs(prompts)
     jobs = [(p, idx) for p in prompts for idx in range(args.samples)
             if idx % world == rank and not (img_root / dirs[p] / f"{idx:05d}.jpg").is_file()]
     if getattr(args, "skip_unrelated", False):  # batch prompts with the same adapters in play: the others are skipped
@@ -137,7 +142,8 @@ def main(argv=None) -> dict:
 
 
 def _explicit(args, fixed_w: float | None) -> dict:
-    """Explicit mode: --lora, --prompts_json / --prompt, --diff_results or the test on the fly -> the counts."""
+    """Explicit mode: --lora, --prompts_json / --prompt, --diff_results or the test on the fly -> the counts.
+    The folder records what made it (run_config.json) and each prompt's folder, d and w (decisions.json)."""
     if not (args.prompts_json or args.prompt):
         raise UserError("explicit mode needs --prompts_json or --prompt")
     if args.lora is None and fixed_w != 1.0:
@@ -149,20 +155,62 @@ def _explicit(args, fixed_w: float | None) -> dict:
     check_distinct(loras)
     prompts = experiment_prompts(read_prompts_json(args.prompts_json)) if args.prompts_json else []
     prompts += [p for p in (args.prompt or []) if p not in prompts and p != ""]
-    model, device, names = _model_with_adapters(args, loras, {})
-    with UNetCounter(model.unet) as c:
-        if fixed_w is not None:
-            ws = {p: [fixed_w] * len(names) for p in prompts}
-        else:
-            ws = (read_diff_decisions(args.diff_results, prompts, args.w1, args.w2) if args.diff_results
-                  else _on_the_fly(model, prompts, args, names))
-            if args.skip_unrelated:
-                ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
-    test_evals = c.samples
-    with UNetCounter(model.unet) as c:
-        total = generate(model, device, prompts, ws, Path(args.output_dir) / "images", args, names)
+    out = Path(args.output_dir)
+    with folder_lock(out, shard()[0]):
+        model, device, names = _model_with_adapters(args, loras, {})
+        config = _explicit_config(args, model, names, loras, fixed_w)
+        check_run_config(out, config, ignore=("ckpt", "lora", "config"))
+        with UNetCounter(model.unet) as c:
+            ws, tests = _explicit_decisions(args, model, prompts, names, fixed_w)
+        test_evals = c.samples
+        folders = _record_decisions(out, prompts, ws, tests, config)
+        with UNetCounter(model.unet) as c:
+            total = generate(model, device, prompts, ws, out / "images", args, names, folders)
     return {"images": total, "unet_evals": test_evals + c.samples, "test_evals": test_evals,
             "sample_evals": c.samples}
+
+
+def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float | None) -> dict:
+    """The settings explicit-mode images depend on, inputs by content (ldm.runs); paths recorded, not compared."""
+    decisions = ("fixed" if fixed_w is not None else "diff_results" if args.diff_results else "on_the_fly")
+    config = {"mode": "explicit", "base": model_fingerprint(model), "adapters": adapter_fingerprints(model, names),
+              "w1": args.w1, "w2": args.w2, "steps": args.steps, "guidance": args.guidance,
+              "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
+              "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
+              "skip_unrelated": args.skip_unrelated, "decisions": decisions,
+              "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}
+    if decisions == "on_the_fly":
+        config.update(t_enc=args.t_enc, repeats=args.repeats, empty_draws=args.empty_draws)
+    return config
+
+
+def _explicit_decisions(args, model, prompts: list[str], names: list[str], fixed_w: float | None):
+    """-> ({prompt: [w_k]}, {prompt: [(d_k(p), d_k(""))]} where a test ran here, else {})."""
+    if fixed_w is not None:
+        return {p: [fixed_w] * len(names) for p in prompts}, {}
+    if args.diff_results:
+        ws, tests = read_diff_decisions(args.diff_results, prompts, args.w1, args.w2), {}
+    else:
+        ws, tests = _on_the_fly(model, prompts, args, names)
+    if args.skip_unrelated:
+        ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
+    return ws, tests
+
+
+def _record_decisions(out: Path, prompts: list[str], ws: dict, tests: dict, config: dict) -> dict[str, str]:
+    """Write run_config.json and decisions.json ({prompt: folder, w, d, d_empty}); prompts of an earlier run in
+    this folder keep their folders, new ones get unused folders -> {prompt: folder}."""
+    old = out / "decisions.json"
+    known = json.loads(old.read_text(encoding="utf-8")).get("prompts", {}) if old.is_file() else {}
+    folders = extend_class_dirs({p: v["folder"] for p, v in known.items()}, prompts)
+    record = dict(known)
+    for p in prompts:
+        record[p] = {"folder": folders[p], "w": ws[p],
+                     "d": [e.mean for e, _ in tests[p]] if p in tests else None,
+                     "d_empty": [e.mean for _, e in tests[p]] if p in tests else None}
+    write_json(out / "run_config.json", config)
+    write_json(old, {"prompts": record})
+    return folders
 
 
 def _experiments(args, fixed_w: float | None) -> dict:
@@ -217,21 +265,21 @@ def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[in
     return images, c.samples
 
 
-def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> dict[str, list[float]]:
+def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> tuple[dict, dict]:
     """The stability test now (fast protocol, or the release's with --protocol release), every adapter on the
-    same draws and base trajectories -> {prompt: [w_k]}."""
+    same draws and base trajectories -> ({prompt: [w_k]}, {prompt: [(d_k(p), d_k(""))]})."""
     protocol = protocol_from_flags(args.protocol, args.steps, args.t_enc, args.guidance, repeats=args.repeats,
                                    empty_draws=args.empty_draws)
     print(f"stability test on the fly ({args.protocol} protocol, {args.repeats} repeats"
           + (f", {len(adapters)} adapters" if len(adapters) > 1 else "") + ")", file=sys.stderr)
     per = diff_table(model, protocol, model.latent_shape(args.image_size), prompts, args.seed, adapters=adapters)
-    ws = {p: decide_pairs([(est[p], empty) for est, empty in per], args.w1, args.w2) for p in prompts}
+    tests = {p: [(est[p], empty) for est, empty in per] for p in prompts}
+    ws = {p: decide_pairs(tests[p], args.w1, args.w2) for p in prompts}
     for p in prompts:
-        for k, (est, empty) in enumerate(per):
+        for k, (est, empty) in enumerate(tests[p]):
             tag = f"[{adapters[k]}] " if len(adapters) > 1 else ""
-            print(f"  {tag}d={est[p].mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}",
-                  file=sys.stderr)
-    return ws
+            print(f"  {tag}d={est.mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}", file=sys.stderr)
+    return ws, tests
 
 
 if __name__ == "__main__":

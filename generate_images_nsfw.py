@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.cli import add_model_args, image_autocast, load_model, positive, run, write_json
-from ldm.erasure.adapters import check_distinct, decide_pairs, load_adapters, skip_unrelated
+from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
@@ -52,7 +52,11 @@ from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, save_image, start_noise, to_pil
 from ldm.loader import autocast
+from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
 
+# recorded in run_config.json for the reader, not compared on resume: paths (the inputs are compared by content:
+# "base" and "adapters" fingerprints), and the CSV (rows are keyed by their index; --limit may grow)
+IGNORED_SETTINGS = ("csv_path", "ckpt", "lora", "config")
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
 DEFAULT_GUIDANCE = 7.5
@@ -168,16 +172,6 @@ def experiment_name(args) -> str:
     if getattr(args, "skip_unrelated", False):
         name += "_skip_unrelated"
     return name
-
-
-def shard() -> tuple[int, int]:
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UserError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: not integers")
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
-    return rank, world
 
 
 def image_path(img_dir: Path, idx: int) -> Path:
@@ -299,22 +293,30 @@ def main(argv=None) -> None:
     check_distinct(loras)
     protocol = replace(protocol, repeats=draw_cap(args, protocol.settings, len(loras)))
     run_config = _run_config(args, protocol, loras)
-    _prepare_logs(log_dir, img_dir, run_config, notes, rank)
+    check_run_config(log_dir, run_config, ignore=IGNORED_SETTINGS)  # early: before anything is loaded
+    with folder_lock(log_dir, rank):
+        _resume_and_sample(args, protocol, loras, fixed_w, run_config, rows, notes, img_dir, log_dir, rank, world)
 
-    # resume: keep the decisions whose image exists, redo the rest
+
+def _resume_and_sample(args, protocol: Protocol, loras: list[Path], fixed_w: float | None, run_config: dict,
+                       rows: list[dict], notes: list[str], img_dir: Path, log_dir: Path, rank: int, world: int) -> None:
+    """Resume (keep the decisions whose image exists), load the model, check what made the folder, sample."""
+    expected = {r["idx"] for r in rows}
     mine = [r for r in rows if r["idx"] % world == rank]
     shard_file = log_dir / f"decisions.rank{rank}.csv"
     kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_path(img_dir, int(r["idx"])).is_file()}
-    write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
     todo = [r for r in mine if r["idx"] not in kept]
     print(f"rank {rank}/{world}: {len(mine)} rows, {len(mine) - len(todo)} done, {len(todo)} to do -> {img_dir}")
     if not todo:
         _finish(log_dir, img_dir, expected, Counter(), 0, 0.0, 0, 0)
         return
-
     model, device = load_model(args)
     job = _Run(model, device, model.latent_shape(args.image_size), load_adapters(model, loras, args.alpha), protocol,
                args, fixed_w)
+    run_config.update(base=model_fingerprint(model), adapters=adapter_fingerprints(model, job.names))
+    check_run_config(log_dir, run_config, ignore=IGNORED_SETTINGS)  # the weights themselves, by content
+    _prepare_logs(log_dir, img_dir, run_config, notes, rank)
+    write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
     empty_evals = 0
     if fixed_w is None and args.protocol == "fast":
         job.d_empty, empty_evals = _empty_estimate(job, log_dir, run_config)
@@ -356,13 +358,7 @@ def _image_format(args) -> str:
 
 
 def _prepare_logs(log_dir: Path, img_dir: Path, run_config: dict, notes: list[str], rank: int) -> None:
-    """Refuse a folder made with other settings; write run_config.json and this shard's notes (first 5 said)."""
-    old = json.loads((log_dir / "run_config.json").read_text()) if (log_dir / "run_config.json").is_file() else None
-    if old is not None:
-        diff = sorted(k for k in run_config if k in old and old[k] != run_config[k] and k not in ("csv_path",))
-        if diff:
-            raise UserError(f"{img_dir} was made with other settings ({', '.join(f'{k}: {old[k]!r}' for k in diff)});"
-                            " use another --output_dir or the same settings")
+    """Write run_config.json (checked by the caller) and this shard's notes (the first 5 said)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     img_dir.mkdir(parents=True, exist_ok=True)
     write_json(log_dir / "run_config.json", run_config)
@@ -468,7 +464,7 @@ def _empty_estimate(job: _Run, log_dir: Path, run_config: dict) -> tuple[list[Es
     """d("") of the fast protocol, one per adapter: read back from d_empty.json when made with the same settings,
     else computed (deterministic in --seed: every shard gets the same value) and recorded (one adapter: the
     single-adapter file; several: {"adapters": [one record each], "key", "unet_evals"})."""
-    key = {k: run_config[k] for k in ("ckpt", "lora", "alpha", "image_size", "schedule", "empty_draws", "seed",
+    key = {k: run_config[k] for k in ("base", "adapters", "alpha", "image_size", "schedule", "empty_draws", "seed",
                                       "eta", "precision")}
     key.update(ddim_steps=job.args.ddim_steps, t_enc=job.args.t_enc)
     path = log_dir / "d_empty.json"

@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ldm.erasure.guidance import decide
 from ldm.erasure.io import load_adapter
-from ldm.erasure.lora import lora_layers
+from ldm.erasure.lora import lora_layers, lora_state_dict
 from ldm.erasure.stability import Estimate
 from ldm.errors import UserError
+from ldm.runs import tensors_fingerprint
 
 
 def adapter_name(k: int) -> str:
@@ -41,12 +44,16 @@ def check_distinct(paths: list) -> None:
 def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
     """Load adapter k as "lora" / f"lora{k}"; note (one line) modules that two adapters adapt with other ranks."""
     check_distinct(paths)
-    names, ranks = [], []
+    names, ranks, seen = [], [], {}
     for k, path in enumerate(paths):
         info = load_adapter(path, model.unet, alpha=alpha, name=adapter_name(k))
         layers = lora_layers(model.unet, info.name)
         ranks.append({t: getattr(layers[t], info.name).rank for t in info.targets})
         names.append(info.name)
+        (fingerprint,) = adapter_fingerprints(model, [info.name])
+        if fingerprint in seen:  # the same tensors under other bytes (a retrain with the same seed, .pth vs .safetensors)
+            raise UserError(f"adapters {seen[fingerprint]} and {path} hold the same tensors: give each adapter once")
+        seen[fingerprint] = path
     for i in range(len(paths)):
         for j in range(i + 1, len(paths)):
             differ = sorted(t for t in ranks[i].keys() & ranks[j].keys() if ranks[i][t] != ranks[j][t])
@@ -56,6 +63,16 @@ def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
                       f"(e.g. {t}: {ranks[i][t]} vs {ranks[j][t]}); they add up there, each with its own weight",
                       file=sys.stderr)
     return names
+
+
+def adapter_fingerprints(model, names: Sequence[str]) -> list[str]:
+    """A content fingerprint per loaded adapter: its tensors and its scale alpha (ldm.runs.tensors_fingerprint)."""
+    out = []
+    for name in names:
+        tensors = lora_state_dict(model.unet, name)
+        alpha = {getattr(m, name).alpha for m in lora_layers(model.unet, name).values()}
+        out.append(tensors_fingerprint({**tensors, "alpha": torch.tensor(sorted(alpha))}))
+    return out
 
 
 def decide_pairs(pairs: Sequence[tuple[Estimate, Estimate]], w1: float, w2: float) -> list[float]:

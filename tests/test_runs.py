@@ -1,0 +1,167 @@
+"""Output folders keyed by what made them (ldm/runs.py) and the generation scripts' collisions (issue 15): another
+adapter, other settings or other base weights in the same --output_dir are refused; a rerun may add prompts
+without mixing two prompts' images; the same adapter under other bytes is refused; one process per folder."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate_images
+import generate_images_nsfw
+from helpers_model import REPO, TINY, randomize_adapters, save_checkpoint, tiny_checkpoint
+from ldm.cli import run
+from ldm.erasure.io import save_adapter
+from ldm.erasure.lora import inject_lora
+from ldm.erasure.targets import select_targets
+from ldm.errors import UserError
+from ldm.prompts import extend_class_dirs
+from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard, tensors_fingerprint
+
+STEPS, SIZE = 3, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _adapter(base, path, seed):
+    m = copy.deepcopy(base)
+    inject_lora(m.unet, select_targets(m.unet), 1, 8.0, generator=torch.Generator().manual_seed(seed))
+    randomize_adapters(m, seed + 100, 0.05)
+    save_adapter(path, m.unet, alpha=8.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    base, ckpt = tiny_checkpoint(d)
+    other = copy.deepcopy(base)  # other base weights where the adapters do not sit (they would refuse it there)
+    with torch.no_grad():
+        other.unet.out[-1].weight.mul_(1.01)
+    other_ckpt = save_checkpoint(other, d / "other.safetensors")
+    return {"base": base, "ckpt": ckpt, "other_ckpt": other_ckpt, "a": _adapter(base, d / "a.safetensors", 1),
+            "b": _adapter(base, d / "b.safetensors", 2), "dir": d}
+
+
+def gen_args(world, out, *extra, ckpt=None, lora="a"):
+    return ["--config", str(TINY), "--ckpt", str(ckpt or world["ckpt"]), "--device", "cpu", "--output_dir", str(out),
+            "--image_size", str(SIZE), "--steps", str(STEPS), "--samples", "1", "--w1", "0", "--w2", "0",
+            *(["--lora", str(world[lora])] if lora else []), *extra]
+
+
+def refused(argv, *names):
+    with pytest.raises(SystemExit) as e:
+        run(lambda: generate_images.main(argv))
+    assert e.value.code == 2
+    return e
+
+
+def test_other_adapter_settings_or_weights_in_the_same_folder_are_refused(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    generate_images.main(gen_args(world, out, "--prompt", "a photo of the cat"))
+    assert len(list((out / "images").rglob("*.jpg"))) == 1
+    cases = [gen_args(world, out, "--prompt", "a photo of the cat", lora="b"),                  # another adapter
+             gen_args(world, out, "--prompt", "a photo of the cat", "--guidance", "3"),         # another CFG scale
+             gen_args(world, out, "--prompt", "a photo of the cat", ckpt=world["other_ckpt"])]  # other weights
+    for argv in cases:
+        capsys.readouterr()
+        refused(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0] and str(out) in err[0], err
+
+
+def test_rerun_with_more_prompts_keeps_folders_and_never_mixes(world, tmp_path):
+    out = tmp_path / "run"
+    generate_images.main(gen_args(world, out, "--prompt", "一只猫"))
+    first = json.loads((out / "decisions.json").read_text())["prompts"]
+    generate_images.main(gen_args(world, out, "--prompt", "一只猫", "--prompt", "一只狗"))  # both slug to "prompt"
+    both = json.loads((out / "decisions.json").read_text())["prompts"]
+    assert both["一只猫"]["folder"] == first["一只猫"]["folder"]
+    assert both["一只猫"]["folder"] != both["一只狗"]["folder"]
+    assert sorted(p.parent.name for p in (out / "images").rglob("*.jpg")) == sorted(v["folder"] for v in both.values())
+    assert both["一只狗"]["w"] == [0.0]
+
+
+def test_extend_class_dirs_gives_unused_folders():
+    known = {"a photo of the cat": "cat"}
+    got = extend_class_dirs(known, ["a photo of the cat", "a drawing of a cat", "x cat"])
+    assert got["a photo of the cat"] == "cat"
+    assert len(set(got.values())) == 3
+
+
+def test_output_dir_that_is_a_file_is_refused_before_sampling(world, tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    refused(gen_args(world, target, "--prompt", "a cat"))
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_same_adapter_under_other_bytes_is_refused(world, tmp_path, capsys):
+    """A .pth copy of a .safetensors adapter (other bytes, same tensors) would double the erasure."""
+    from ldm.erasure.io import read_adapter
+    tensors, _ = read_adapter(world["a"])
+    pth = tmp_path / "a_copy.pth"
+    torch.save(tensors, pth)
+    refused(gen_args(world, tmp_path / "o", "--prompt", "a cat", "--lora", str(world["a"]), str(pth), lora=None))
+    assert "hold the same tensors" in capsys.readouterr().err
+
+
+def test_corrupt_run_record_is_named(tmp_path):
+    (tmp_path / "run_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="run_config.json: not valid JSON"):
+        check_run_config(tmp_path, {"a": 1})
+
+
+def test_folder_lock_refuses_a_second_process(tmp_path):
+    code = ("import sys; sys.path.insert(0, '.'); from ldm.runs import folder_lock; from ldm.errors import UserError\n"
+            f"try:\n    with folder_lock(__import__('pathlib').Path({str(tmp_path)!r}), 0): pass\n"
+            "except UserError as e:\n    print(e); sys.exit(2)\n")
+    with folder_lock(tmp_path, 0):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "another process" in proc.stdout
+        other_shard = subprocess.run([sys.executable, "-c", code.replace(", 0)", ", 1)")], cwd=REPO,
+                                     capture_output=True, text=True, timeout=60)
+        assert other_shard.returncode == 0  # another shard of the same folder may run
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0  # released
+
+
+@pytest.mark.parametrize("rank, world_size", [("x", "2"), ("2", "2"), ("-1", "1"), ("0", "0")])
+def test_bad_shard_variables(monkeypatch, rank, world_size):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(UserError, match="RANK"):
+        shard()
+
+
+def test_fingerprints_see_content_not_files(world):
+    base = world["base"]
+    assert model_fingerprint(base) == model_fingerprint(copy.deepcopy(base))
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.unet.out[-1].weight.mul_(1.001)
+    assert model_fingerprint(base) != model_fingerprint(other)
+    t = {"x": torch.arange(4.0)}
+    assert tensors_fingerprint(t) == tensors_fingerprint({"x": torch.arange(4.0).double()})
+    assert tensors_fingerprint(t) != tensors_fingerprint({"y": torch.arange(4.0)})
+
+
+def test_nsfw_resume_refuses_other_base_weights(world, tmp_path, capsys):
+    csv = tmp_path / "p.csv"
+    csv.write_text(",prompt,evaluation_seed,evaluation_guidance,case_number\n0,a cat,1,7.5,0\n1,a dog,2,7.5,1\n")
+    argv = ["--csv_path", str(csv), "--output_dir", str(tmp_path / "exp"), "--lora", str(world["a"]),
+            "--config", str(TINY), "--device", "cpu", "--image_size", str(SIZE), "--ddim_steps", str(STEPS),
+            "--t_enc", "1", "--w1", "0", "--w2", "0", "--limit", "1"]
+    generate_images_nsfw.main(argv + ["--ckpt", str(world["ckpt"])])
+    other = argv[:-1] + ["2", "--ckpt", str(world["other_ckpt"])]  # one more row, but other base weights
+    with pytest.raises(SystemExit) as e:
+        run(lambda: generate_images_nsfw.main(other))
+    assert e.value.code == 2 and "base" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, load_model, positive, run
+from ldm.cli import add_model_args, resolve_image_size, load_model, positive, run
 from ldm.erasure.budget import UNetCounter, evals_per_draw
 from ldm.erasure.guidance import decide
 from ldm.erasure.io import load_adapter
@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=None, help="draw seed (default: a random one, recorded)")
     p.add_argument("--ddim_steps", type=positive(), default=50)
-    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--image_size", type=positive(), default=None,
+                   help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the partial trajectory")
     p.add_argument("--repeats", type=positive(), default=1, help="draws per prompt (the maximum with --adaptive)")
     p.add_argument("--eta", type=float, default=0.0)
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    resolve_image_size(args)
     data = read_prompts_json(args.prompts_json)
     prompts = diff_prompts(data)
     protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, args.guidance, args.eta, args.schedule,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, image_autocast, load_model, positive, run, write_json
+from ldm.cli import add_model_args, resolve_image_size, image_autocast, load_model, positive, run, write_json
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
 from ldm.erasure.budget import UNetCounter
@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive(), default=50)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
-    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--image_size", type=positive(), default=None,
+                   help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--batch_size", type=positive(), default=4, help="images per sampling batch")
     p.add_argument("--protocol", choices=["release", "fast"], default="fast",
                    help="release: the 49-step schedule (and the release's test when run on the fly)")
@@ -128,6 +129,7 @@ def _model_with_adapters(args, loras: list, cache: dict):
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    resolve_image_size(args)
     explicit = bool(args.lora or args.prompts_json or args.prompt or args.diff_results)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     t0 = time.time()

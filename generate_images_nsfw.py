@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, image_autocast, load_model, positive, run, write_json
+from ldm.cli import add_model_args, resolve_image_size, image_autocast, load_model, positive, run, write_json
 from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
@@ -223,7 +223,8 @@ def parser() -> argparse.ArgumentParser:
                    help="adapters decided w2 (unrelated to the row's prompt) get w = 1: not evaluated")
     p.add_argument("--alpha", type=float, default=None,
                    help="LoRA scale for a release lora.pth (default 8); our .safetensors carry their own")
-    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--image_size", type=positive(), default=None,
+                   help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--ddim_steps", type=positive(), default=50)
     p.add_argument("--t_enc", type=int, default=40)
     p.add_argument("--w1", type=float, default=-1.0)
@@ -275,6 +276,7 @@ def find_lora(args) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    resolve_image_size(args)
     protocol = _protocol(args)
     rank, world = shard()
     out_dir = Path(args.output_dir).resolve()  # the release joined output_dir twice (fact sheet §9.5)

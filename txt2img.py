@@ -20,7 +20,8 @@ def main() -> None:
     p.add_argument("--steps", type=positive(), default=50)
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--image_size", type=positive(), default=512)
+    p.add_argument("--image_size", type=positive(), default=None,
+                   help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--outdir", default="outputs/txt2img")
     args = p.parse_args()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
-from ldm.loader import load_model_from_config, resolve_device, resolve_dtype
+from ldm.loader import default_image_size, load_model_from_config, resolve_device, resolve_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
@@ -34,6 +34,14 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
                    help="allow the config to name classes outside this project's models (imports them: trusted only)")
 
 
+def resolve_image_size(args) -> int:
+    """--image_size, or (when not given) the size the config's model was trained at (512 for SD, 16 for the toy
+    model); set on args and returned. Call before anything is recorded."""
+    if getattr(args, "image_size", None) is None:
+        args.image_size = default_image_size(args.config)
+    return args.image_size
+
+
 def image_autocast(args) -> str | None:
     """--precision under --protocol release: the release keeps fp32 weights, runs the stability test in fp32 and
     generates the image under autocast at that precision -> the autocast precision, or None where the weights are
@@ -51,9 +59,15 @@ def load_model(args, precision: str | None = None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(precision or args.precision, device)
+    if hasattr(args, "image_size"):
+        resolve_image_size(args)
     model = load_model_from_config(args.config, args.ckpt, device=device, dtype=dtype,
                                    unsafe_pickle_load=args.unsafe_pickle_load, unsafe_config=args.unsafe_config,
                                    unet_weights=args.unet_weights)
+    if device.type == "cpu" and getattr(args, "image_size", 0) >= 256:
+        print(f"note: {args.image_size} px on the CPU ({torch.get_num_threads()} threads): one UNet sample-evaluation "
+              f"is ~{0.84 * (args.image_size / 512) ** 2:.2f} TFLOP, roughly 5-30 s here; a 50-step CFG image takes "
+              "~100 of them (use a GPU, --device cuda, for Stable Diffusion)", file=sys.stderr)
     return model, device
 
 

@@ -237,6 +237,14 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- models
+def default_image_size(config_path: str | Path) -> int:
+    """The image side a config's model was trained at: its latent side (model.params.image_size) times the VAE's
+    factor (2^(len(ch_mult) - 1)): 512 for SD v1, 16 for the toy-digits model."""
+    params = load_config(config_path).model.params
+    mult = params.first_stage_config.params.ddconfig.ch_mult
+    return int(params.get("image_size", 64)) * 2 ** (len(mult) - 1)
+
+
 def build_model(config_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 unsafe_config: bool = False):
     """The model of a config with freshly initialised (random) weights: for tests and benchmarks."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ldm.config import instantiate_from_config
+from ldm.errors import UserError
 
 SCHEDULE_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -116,10 +117,13 @@ class LatentDiffusion(nn.Module):
         return self.unet.out[-1].weight.dtype
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        """[C, h, w] of the latent of a square image of `image_size` pixels."""
+        """[C, h, w] of the latent of a square image of `image_size` pixels; UserError unless the size is a
+        multiple of the VAE's factor times the UNet's downsampling (8 x 8 = 64 px for SD)."""
         f = 2 ** (len(self.first_stage_model.encoder.down) - 1)  # VAE downsampling factor, 8 for SD
-        if image_size % f:
-            raise ValueError(f"image size {image_size} is not a multiple of the VAE factor {f}")
+        u = 2 ** sum(1 for m in self.unet.modules() if type(m).__name__ == "Downsample")  # UNet's, 8 for SD
+        if image_size <= 0 or image_size % (f * u):
+            raise UserError(f"--image_size {image_size}: must be a positive multiple of {f * u} for this model "
+                            f"(VAE factor {f} x UNet downsampling {u}); e.g. {max(1, round(image_size / (f * u))) * f * u}")
         return (self.unet.in_channels, image_size // f, image_size // f)
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

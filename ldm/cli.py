@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
-from ldm.loader import default_image_size, load_model_from_config, resolve_device, resolve_dtype
+from ldm.loader import image_size_facts, load_model_from_config, resolve_device, resolve_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
@@ -37,8 +37,12 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
 def resolve_image_size(args) -> int:
     """--image_size, or (when not given) the size the config's model was trained at (512 for SD, 16 for the toy
     model); set on args and returned. Call before anything is recorded."""
+    default, multiple = image_size_facts(args.config)
     if getattr(args, "image_size", None) is None:
-        args.image_size = default_image_size(args.config)
+        args.image_size = default
+    if args.image_size % multiple:
+        raise UserError(f"--image_size {args.image_size}: must be a multiple of {multiple} for {args.config} "
+                        f"(e.g. {max(1, round(args.image_size / multiple)) * multiple})")
     return args.image_size
 
 

@@ -237,12 +237,14 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- models
-def default_image_size(config_path: str | Path) -> int:
-    """The image side a config's model was trained at: its latent side (model.params.image_size) times the VAE's
-    factor (2^(len(ch_mult) - 1)): 512 for SD v1, 16 for the toy-digits model."""
+def image_size_facts(config_path: str | Path) -> tuple[int, int]:
+    """(the image side a config's model was trained at, the multiple every image side must be), from the config
+    alone: latent side (model.params.image_size) x VAE factor 2^(len(ch_mult) - 1); the multiple is the VAE
+    factor x the UNet's downsampling 2^(len(channel_mult) - 1). SD v1: (512, 64); the toy-digits model: (16, 4)."""
     params = load_config(config_path).model.params
-    mult = params.first_stage_config.params.ddconfig.ch_mult
-    return int(params.get("image_size", 64)) * 2 ** (len(mult) - 1)
+    vae = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    unet = 2 ** (len(params.unet_config.params.channel_mult) - 1)
+    return int(params.get("image_size", 64)) * vae, vae * unet
 
 
 def build_model(config_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

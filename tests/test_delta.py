@@ -21,6 +21,7 @@ from ldm.erasure.objective import UnGuideObjective, encode_prompts
 from ldm.erasure.targets import select_targets
 from ldm.erasure.training import Method, Trainer
 from ldm.errors import UserError
+from test_lora import eps, inputs
 
 
 class FullDelta(Delta):
@@ -78,17 +79,6 @@ def inject_full(model, spec="xattn", name="esd", seed=0, scale=0.02):
     return inject_delta(model.unet, targets, make, name=name)
 
 
-def inputs(b=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g),
-            torch.randn(b, 77, 64, generator=g))
-
-
-@torch.no_grad()
-def eps(model, x, t, c):
-    return model.apply_model(x, t, c)
-
-
 def test_layer_is_w0_x_plus_per_sample_scaled_d_x(base, full_kind):
     model = copy.deepcopy(base)
     path, layer = next(iter(inject_full(model).items()))
@@ -119,7 +109,7 @@ def test_layer_is_w0_x_plus_per_sample_scaled_d_x(base, full_kind):
 def test_model_scale_disable_gradients_and_removal(base, full_kind):
     model = copy.deepcopy(base)
     inject_full(model, "full")
-    x, t, c = inputs()
+    x, t, c = inputs(b=4)
     base_out, adapted = eps(base, x, t, c), eps(model, x, t, c)
     assert not torch.allclose(adapted, base_out)
     with adapters_disabled(model.unet):
@@ -142,7 +132,7 @@ def test_saves_and_reloads_through_the_same_file_io(base, full_kind, tmp_path):
     inject_lora(model.unet, select_targets(model.unet, "default"), 1, 8.0, torch.Generator().manual_seed(1))
     inject_full(model, xattn)  # beside a LoRA (on 14 of its 28 layers), as its own adapter
     assert adapter_names(model.unet) == ["lora", "esd"]
-    x, t, c = inputs()
+    x, t, c = inputs(b=4)
     want = eps(model, x, t, c)
     save_adapter(tmp_path / "esd.safetensors", model.unet, alpha=1.0, name="esd", extra={"complete": "true"})
     save_adapter(tmp_path / "lora.safetensors", model.unet, alpha=8.0)

@@ -75,7 +75,7 @@ class Plan:
 
 
 class UnGuideObjective:
-    """Loss of one iteration of ESD/UnGuide erasure training on a model whose UNet carries LoRA adapters.
+    """Loss of one iteration of ESD/UnGuide erasure training on a model whose UNet carries adapters (any delta kind).
 
     model: LatentDiffusion with adapters injected (ldm.erasure.lora.inject_lora); its base weights frozen.
     latent_shape: [C, h, w]. fixed_t_enc: use this t_enc every iteration (benchmarks; None = uniform draw).

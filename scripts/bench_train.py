@@ -1,5 +1,6 @@
 """Peak memory and seconds per iteration of erasure training: one copy of the model (ours) against the
-release's two copies (a deep-copied frozen base model for e_0 / e_p), each in its own fresh subprocess.
+release's two copies (a deep-copied frozen base model for e_0 / e_p), each in its own fresh subprocess. An
+iteration is train.py's: `ldm.erasure.training.Trainer.step` (loss, backward, snapshot, Adam step).
 
     python scripts/bench_train.py --config configs/tiny/tiny-inference.yaml --random_weights --image_size 16 \
         --ddim_steps 10 --t_enc 8 --threads 1
@@ -29,9 +30,10 @@ sys.path.insert(0, str(REPO))
 def worker(a) -> dict:
     import torch
 
-    from ldm.erasure.lora import inject_lora, lora_parameters
-    from ldm.erasure.objective import UnGuideObjective, encode_prompts, erasure_step
+    from ldm.erasure.lora import inject_lora, lora_state_dict
+    from ldm.erasure.objective import UnGuideObjective, encode_prompts
     from ldm.erasure.targets import select_targets
+    from ldm.erasure.training import Method, Trainer
     from ldm.loader import build_model, load_model_from_config, resolve_device
 
     if a.threads:
@@ -52,16 +54,16 @@ def worker(a) -> dict:
     t_enc = a.t_enc if a.t_enc is not None else a.ddim_steps - 2
     objective = UnGuideObjective(model, emb, model.latent_shape(a.image_size), a.ddim_steps, fixed_t_enc=t_enc,
                                  frozen_model=frozen)
-    optimizer = torch.optim.Adam(lora_parameters(model.unet), lr=3e-5)
-    gen = torch.Generator().manual_seed(0)
+    method = Method(lora_state_dict(model.unet, keep_vars=True), objective, save=lambda path, extra: None)
+    trainer = Trainer(method, 3e-5, torch.Generator().manual_seed(0))  # train.py's loop, one step at a time
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):
-        erasure_step(objective, optimizer, gen)
+        trainer.step()
     sync()
     times = []
     for _ in range(a.iterations):
         tic = time.perf_counter()
-        erasure_step(objective, optimizer, gen)
+        trainer.step()
         sync()
         times.append(time.perf_counter() - tic)
     if device.type == "cuda":

@@ -320,7 +320,48 @@ def test_resume_refuses_changed_settings(ckpt, tmp_path, monkeypatch, capsys):
     assert code == 2 and "reference_prompt" in err
 
 
-def test_sigint_in_a_subprocess_saves_and_exits_130(ckpt, tmp_path):
+def _signal_at(monkeypatch, call, where):
+    """Send this process SIGTERM on call number `call` (0-based) of the objective's loss ("loss": outside the
+    update, the iteration is dropped) or of Adam's step ("update": it waits for the iteration's end)."""
+    cls, attr = (UnGuideObjective, "loss") if where == "loss" else (torch.optim.Adam, "step")
+    real = getattr(cls, attr)
+    count = {"n": 0}
+
+    def wrapped(self, *a, **kw):
+        count["n"] += 1
+        if count["n"] - 1 == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(cls, attr, wrapped)
+
+
+@pytest.mark.parametrize("where,done", [("loss", 5), ("update", 4)])
+def test_sigterm_saves_state_and_resume_is_exact(ckpt, tmp_path, monkeypatch, capsys, where, done):
+    """SIGTERM (timeout, a cluster scheduler) is Ctrl-C's twin: resumable state, a partial adapter, status
+    "interrupted", exit 143; a SIGTERM during the optimiser update lets that iteration finish first."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train_main(args(ckpt, whole, "--save_every", "3", iterations=8))[0] == 0
+    _signal_at(monkeypatch, 5 if where == "loss" else 3, where)
+    code, err = train_main(args(ckpt, cut, "--save_every", "3", iterations=8), capsys)
+    monkeypatch.undo()
+    assert code == 143 and f"terminated (SIGTERM) at iteration {done}/8" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the loop
+    rd = run_dir(cut)
+    assert read_adapter(rd / "models" / "lora_partial.safetensors")[1]["status"] == "interrupted"
+    cfg = json.loads((rd / "train_config.json").read_text())
+    assert cfg["status"] == "interrupted" and cfg["iterations_done"] == done
+    state = torch.load(rd / "checkpoint" / "state.pt", weights_only=True)
+    assert state["iteration"] == done and len(state["losses"]) == done
+    assert train_main(args(ckpt, cut, "--save_every", "3", "--resume", iterations=8))[0] == 0
+    assert same(adapter(rd / "models" / "lora.safetensors"), adapter(run_dir(whole) / "models" / "lora.safetensors"))
+    a = json.loads((rd / "train_config.json").read_text())
+    b = json.loads((run_dir(whole) / "train_config.json").read_text())
+    assert a["status"] == "complete" and a["final_loss"] == b["final_loss"] and a["average_loss"] == b["average_loss"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_in_a_subprocess_saves_and_exits(ckpt, tmp_path, signum, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
@@ -329,15 +370,16 @@ def test_sigint_in_a_subprocess_saves_and_exits_130(ckpt, tmp_path):
     deadline = time.time() + 90
     while time.time() < deadline and not list(Path(out).glob("*/checkpoint/state.pt")):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and "--resume" in err
     rd = run_dir(out)
     state = torch.load(rd / "checkpoint" / "state.pt", weights_only=True)
     assert state["iteration"] >= 2 and len(state["losses"]) == state["iteration"]
     assert read_adapter(rd / "models" / "lora_partial.safetensors")[1]["complete"] == "false"
     assert not (rd / "models" / "lora.safetensors").exists()
+    assert json.loads((rd / "train_config.json").read_text())["status"] == "interrupted"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(ckpt, tmp_path, monkeypatch, capsys):

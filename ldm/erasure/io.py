@@ -1,10 +1,12 @@
 """Adapter files: ours (.safetensors with metadata) and the UnGuide release's lora.pth, through one loader.
 
-Keys in both: "<module path>.lora.A" [in, r] and "<module path>.lora.B" [r, out], paths relative to the UNet
-(`model.model.diffusion_model`). Our metadata: format, rank, alpha, targets, the base checkpoint's file hash
-and a fingerprint of the base weights the adapter sits on (checked at load time: an adapter trained on
-another base model is refused). A release lora.pth carries no metadata: alpha comes from the caller
-(the release always used 8), and there is nothing to check the base model against.
+Keys: "<module path>.<kind>.<tensor>", paths relative to the UNet (`model.model.diffusion_model`); for a LoRA
+(the kind "lora", the only one the release knows) "<path>.lora.A" [in, r] and "<path>.lora.B" [r, out].
+Our metadata: format, delta_kind (absent: "lora"), rank, alpha, targets, the base checkpoint's file hash and a
+fingerprint of the base weights the adapter sits on (checked at load time: an adapter trained on another base
+model is refused). The kind names a class of the registry `ldm.erasure.delta.DELTA_KINDS`, never code.
+A release lora.pth carries no metadata: it is a LoRA, alpha comes from the caller (the release always used 8),
+and there is nothing to check the base model against.
 """
 import json
 import os
@@ -16,7 +18,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ldm.erasure.lora import LoRALinear, inject_lora, lora_layers, lora_state_dict
+import ldm.erasure.lora  # noqa: F401  (registers the kind "lora")
+from ldm.erasure.delta import DELTA_KINDS, Delta, DeltaLinear, delta_kind, delta_layers, delta_state_dict, inject_delta
 from ldm.errors import UserError
 
 FORMAT = "unguide-lora/1"
@@ -33,6 +36,7 @@ class AdapterInfo:
     base_sha256: str | None = None
     metadata: dict = field(default_factory=dict)
     name: str = "lora"            # the adapter's name inside the model (several adapters can share one model)
+    kind: str = "lora"            # the delta kind (a key of DELTA_KINDS)
 
 
 def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
@@ -40,31 +44,38 @@ def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
     def base_weight(name: str) -> torch.Tensor:
         m = unet.get_submodule(name)
         w = m.weight.detach().float()
-        return w - m.delta_weight().detach().float() if isinstance(m, LoRALinear) and m.merged else w
+        return w - m.delta_weight().detach().float() if isinstance(m, DeltaLinear) and m.merged else w
     picks = [targets[0], targets[-1]] if targets else []
     return [round(float(base_weight(n).abs().mean()), 6) for n in picks]
+
+
+def _metadata(unet: nn.Module, name: str, alpha: float, base_sha256: str | None, extra: dict | None) -> dict:
+    layers = delta_layers(unet, name)
+    targets = list(layers)
+    meta = {"format": FORMAT, "delta_kind": delta_kind(unet, name),
+            "rank": str(max(getattr(m, name).rank for m in layers.values())), "alpha": repr(float(alpha)),
+            "targets": json.dumps(targets), "base_fingerprint": json.dumps(base_fingerprint(unet, targets)),
+            "base_sha256": base_sha256 or ""}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    return meta
 
 
 def save_adapter(path: str | Path, unet: nn.Module, alpha: float, base_sha256: str | None = None,
                  extra: dict | None = None, name: str = "lora") -> None:
     """Write the UNet's adapter `name` to `path` (.safetensors, or .pth for the release's format), atomically."""
-    layers = lora_layers(unet, name)
-    if not layers:
+    if not delta_layers(unet, name):
         raise ValueError(f"save_adapter: the UNet has no adapter {name!r}")
-    targets = list(layers)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet, name).items()}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in delta_state_dict(unet, name).items()}
     path = Path(path)
+    if path.suffix == ".pth" and delta_kind(unet, name) != "lora":
+        raise ValueError(f"save_adapter: the release's .pth format holds LoRA adapters only; {name!r} is a "
+                         f"{delta_kind(unet, name)!r} delta (write .safetensors)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if path.suffix == ".pth":
         torch.save(tensors, tmp)
     else:
-        ranks = {getattr(m, name).rank for m in layers.values()}
-        meta = {"format": FORMAT, "rank": str(max(ranks)), "alpha": repr(float(alpha)),
-                "targets": json.dumps(targets), "base_fingerprint": json.dumps(base_fingerprint(unet, targets)),
-                "base_sha256": base_sha256 or ""}
-        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=_metadata(unet, name, alpha, base_sha256, extra))
     os.replace(tmp, path)
 
 
@@ -89,33 +100,61 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return sd, {}
 
 
-def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet: nn.Module) -> dict[str, int]:
-    """Validate every key against the UNet; return {module path: rank}."""
+def delta_class(path: Path, meta: dict[str, str]) -> type[Delta]:
+    """The registered class of the file's delta kind (metadata "delta_kind"; "lora" when absent)."""
+    kind = meta.get("delta_kind", "lora")
+    if kind not in DELTA_KINDS:
+        raise UserError(f"{path}: delta kind {kind!r} is not one of this toolkit's ({', '.join(DELTA_KINDS)})")
+    return DELTA_KINDS[kind]
+
+
+def _split_keys(path: Path, tensors: dict[str, torch.Tensor], cls: type[Delta],
+                modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {tensor name: tensor}}, every key checked to read <Linear path>.<kind>.<tensor name>."""
+    form = " / ".join(f"<module>.{cls.kind}.{t}" for t in cls.tensor_names)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, sep, which = key.rpartition(f".{cls.kind}.")
+        if not sep or which not in cls.tensor_names:
+            raise UserError(f"{path}: key {key!r} is not of the form {form}")
+        if not isinstance(modules.get(name), nn.Linear):
+            raise UserError(f"{path}: {name!r} is not a Linear layer of this UNet (an adapter for another model?)")
+        by_module.setdefault(name, {})[which] = value
+    for name, parts in by_module.items():
+        if len(parts) != len(cls.tensor_names):
+            have = "only one of" if len(parts) == 1 else "only some of"
+            raise UserError(f"{path}: {name} has {have} {' / '.join(f'{cls.kind}.{t}' for t in cls.tensor_names)}")
+    return by_module
+
+
+def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet: nn.Module,
+                             cls: type[Delta] | None = None) -> dict[str, int]:
+    """Validate every key and shape against the UNet (for the kind `cls`, default LoRA); return {module path: rank}."""
+    cls = cls or DELTA_KINDS["lora"]
     modules = dict(unet.named_modules())
     ranks = {}
-    for key in tensors:
-        name, sep, which = key.rpartition(".lora.")
-        if not sep or which not in ("A", "B"):
-            raise UserError(f"{path}: key {key!r} is not of the form <module>.lora.A / <module>.lora.B")
-        layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
-            raise UserError(f"{path}: {name!r} is not a Linear layer of this UNet (an adapter for another model?)")
-        ranks[name] = None
-    for name in ranks:
-        a, b = tensors.get(f"{name}.lora.A"), tensors.get(f"{name}.lora.B")
-        if a is None or b is None:
-            raise UserError(f"{path}: {name} has only one of lora.A / lora.B")
+    for name, parts in _split_keys(path, tensors, cls, modules).items():
         layer = modules[name]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != layer.in_features or b.shape[1] != layer.out_features \
-                or a.shape[1] != b.shape[0]:
-            raise UserError(f"{path}: {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit a Linear "
-                            f"{layer.in_features} -> {layer.out_features} (an adapter for another base model?)")
-        ranks[name] = a.shape[1]
+        try:
+            ranks[name] = cls.fit(layer.in_features, layer.out_features, parts)
+        except ValueError as exc:
+            raise UserError(f"{path}: {name}: {exc} (an adapter for another base model?)")
     return ranks
 
 
+def _check_base(path: Path, meta: dict[str, str], unet: nn.Module, targets: list[str]) -> None:
+    if not meta.get("base_fingerprint"):
+        return
+    want = json.loads(meta["base_fingerprint"])
+    have = base_fingerprint(unet, json.loads(meta.get("targets", "[]")) or targets)
+    if len(want) != len(have) or any(abs(w - h) > 1e-3 * max(abs(w), 1e-8) for w, h in zip(want, have)):
+        raise UserError(f"{path}: trained on another base model (base weights fingerprint {want}, "
+                        f"this model {have})")
+
+
 def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None, name: str = "lora") -> AdapterInfo:
-    """Inject the adapter of `path` into `unet` as adapter `name` (LoRALinear on its layers) and load its weights.
+    """Inject the adapter of `path` into `unet` as adapter `name` (DeltaLinear on its layers, the file's delta
+    kind) with its weights.
 
     alpha: the scale for a release lora.pth (default 8, as the release); for our files the stored alpha is
     used unless given. Refuses files whose keys or shapes do not fit this UNet, and ours whose recorded base
@@ -125,28 +164,18 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None, 
     tensors, meta = read_adapter(path)
     if not tensors:
         raise UserError(f"{path}: holds no adapter tensors")
-    if lora_layers(unet, name):
+    if delta_layers(unet, name):
         raise UserError(f"{path}: the model already carries an adapter named {name!r}")
-    ranks = validate_adapter_tensors(path, tensors, unet)
+    cls = delta_class(path, meta)
+    ranks = validate_adapter_tensors(path, tensors, unet, cls)
     targets = list(ranks)
     fmt = meta.get("format", "release-pth" if path.suffix != ".safetensors" else "safetensors")
-    if meta.get("base_fingerprint"):
-        want = json.loads(meta["base_fingerprint"])
-        have = base_fingerprint(unet, json.loads(meta.get("targets", "[]")) or targets)
-        if len(want) != len(have) or any(abs(w - h) > 1e-3 * max(abs(w), 1e-8) for w, h in zip(want, have)):
-            raise UserError(f"{path}: trained on another base model (base weights fingerprint {want}, "
-                            f"this model {have})")
+    _check_base(path, meta, unet, targets)
     alpha = float(alpha if alpha is not None else meta.get("alpha", RELEASE_ALPHA))
-    by_rank: dict[int, list[str]] = {}
-    for target, r in ranks.items():
-        by_rank.setdefault(r, []).append(target)
-    for r, names in by_rank.items():
-        inject_lora(unet, names, rank=r, alpha=alpha, generator=torch.Generator(), name=name)  # A set below
-    layers = lora_layers(unet, name)
-    with torch.no_grad():
-        for target in targets:
-            adapter = getattr(layers[target], name)
-            adapter.A.copy_(tensors[f"{target}.lora.A"])
-            adapter.B.copy_(tensors[f"{target}.lora.B"])
+
+    def make(target: str, layer: nn.Linear) -> Delta:
+        parts = {t: tensors[f"{target}.{cls.kind}.{t}"] for t in cls.tensor_names}
+        return cls.from_tensors(parts, alpha, device=layer.weight.device, dtype=layer.weight.dtype)
+    inject_delta(unet, targets, make, name)
     return AdapterInfo(str(path), max(ranks.values()), alpha, targets, fmt, meta.get("base_sha256") or None, meta,
-                       name)
+                       name, cls.kind)

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.erasure.lora import adapters_disabled
+from ldm.erasure.delta import adapters_disabled
 from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps, sample_ddim
 
 
@@ -75,7 +75,7 @@ class Plan:
 
 
 class UnGuideObjective:
-    """Loss of one iteration of ESD/UnGuide erasure training on a model whose UNet carries LoRA adapters.
+    """Loss of one iteration of ESD/UnGuide erasure training on a model whose UNet carries adapters (any delta kind).
 
     model: LatentDiffusion with adapters injected (ldm.erasure.lora.inject_lora); its base weights frozen.
     latent_shape: [C, h, w]. fixed_t_enc: use this t_enc every iteration (benchmarks; None = uniform draw).
@@ -167,22 +167,4 @@ class UnGuideObjective:
         if len(e_k):
             loss = loss + self.preserve_weight * F.mse_loss(e_kn, e_k)
         return loss, plan
-
-
-def erasure_step(objective: UnGuideObjective, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                 scaler=None) -> tuple[float, Plan]:
-    """zero_grad -> loss -> backward -> step. A non-finite loss is returned WITHOUT stepping (the caller stops)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss, plan = objective.loss(generator)
-    value = float(loss.detach())
-    if not torch.isfinite(loss.detach()):
-        return value, plan
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return value, plan
 

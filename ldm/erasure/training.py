@@ -1,0 +1,338 @@
+"""One training loop for every erasure method.
+
+A method supplies a `Method`: its tensors (by file key; the trainable ones are Parameters with requires_grad),
+its loss (an object with `.loss(generator) -> (scalar loss, plan)`, e.g. UnGuideObjective) and how to write its
+file. The loop owns the rest:
+
+    seeded_generator   one CPU generator from the seed: the method's init draws first, then every iteration's
+    Trainer.step       zero_grad -> loss -> (non-finite: stop) -> backward -> snapshot -> optimiser step
+    StopSignals        Ctrl-C (SIGINT) and SIGTERM (timeout, cluster schedulers): state saved, partial file
+                       written, status "interrupted", exit 130 / 143; a signal during the update waits for its end
+    TrainingRun        resume (state.pt, refused when the settings' fingerprint differs), snapshots every
+                       save_every iterations, train_config.json, losses.csv / losses.png, the final file
+
+Exit codes: 0 done, 1 loss became NaN/inf (last good file kept), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
+import csv
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.cli import write_json
+from ldm.erasure.settings import TrainSettings
+from ldm.errors import UserError
+
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """The run's CPU generator (adapter init, then every draw); also seeds torch's global generator."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Method:
+    tensors: dict[str, torch.Tensor]  # the method's tensors by file key, e.g. "<path>.lora.A" [in, r] (Parameters)
+    objective: object                 # .loss(generator) -> (scalar loss with grad, plan with .t_enc and .t)
+    save: Callable[[Path, dict[str, str]], None]  # writes the method's file with this extra metadata
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for t in self.tensors.values() if t.requires_grad]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.tensors.items()}
+
+    @torch.no_grad()
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in self.tensors.items():
+            v.copy_(tensors[k])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stops training like Ctrl-C (exit 143 instead of 130)."""
+
+
+class StopSignals:
+    """SIGINT / SIGTERM outside the optimiser update raise KeyboardInterrupt / Terminated at once (the iteration
+    in progress is dropped: nothing of it was applied); during the update they wait for the end of the iteration."""
+
+    SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+
+    def __init__(self):
+        self.critical, self.pending = False, None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.critical:
+            self.pending = self.pending or signum
+        else:
+            raise self.SIGNALS[signum]
+
+    def leave_critical(self) -> None:
+        self.critical = False
+        if self.pending:
+            signum, self.pending = self.pending, None
+            raise self.SIGNALS[signum]
+
+
+class Trainer:
+    """The optimisation state of a run: the method, Adam on its trainable tensors, the seeded generator, the
+    losses and the time spent. `step` is one iteration; bench_train.py times exactly this."""
+
+    def __init__(self, method: Method, lr: float, generator: torch.Generator, autocast_dtype=None):
+        self.method, self.generator = method, generator
+        self.optimizer = torch.optim.Adam(method.parameters(), lr=lr)
+        self.scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+        self.losses: list[float] = []
+        self.done, self.train_seconds, self.session_seconds = 0, 0.0, 0.0
+        self.gen_state = generator.get_state()  # where the next (or the interrupted) iteration draws from
+        self.snapshot: dict[str, torch.Tensor] | None = None  # the tensors that scored the last finite loss
+        self.signals = StopSignals()
+
+    def step(self):
+        """One iteration -> (loss value, plan). A non-finite loss is returned without any update."""
+        self.gen_state = self.generator.get_state()
+        tic = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, plan = self.method.objective.loss(self.generator)
+        value = float(loss.detach())
+        if not torch.isfinite(torch.tensor(value)):
+            return value, plan
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.snapshot = self.method.snapshot()
+        self.signals.critical = True  # the update, the loss record and the count belong together
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.losses.append(value)
+        self.done += 1
+        dt = time.perf_counter() - tic
+        self.session_seconds += dt
+        self.train_seconds += dt
+        self.gen_state = self.generator.get_state()
+        self.signals.leave_critical()
+        return value, plan
+
+    def state_dict(self, fingerprint: dict) -> dict:
+        """state.pt: everything needed to continue bit-exactly, and the settings it was trained under."""
+        return {"iteration": self.done, "args": fingerprint, "generator": self.gen_state,
+                "torch_rng": torch.get_rng_state(),
+                "lora": {k: v.detach().cpu().clone() for k, v in self.method.tensors.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else {},
+                "losses": torch.tensor(self.losses, dtype=torch.float64), "train_seconds": float(self.train_seconds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.restore(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.gen_state = self.generator.get_state()
+        torch.set_rng_state(state["torch_rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.done, self.losses = int(state["iteration"]), [float(v) for v in state["losses"]]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+
+def read_state(path: Path, fingerprint: dict, tensor_keys) -> dict:
+    """A run's state.pt, refused when unreadable or written under other settings or for other tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
+    if not isinstance(state, dict) or not {"iteration", "args", "generator", "lora", "optimizer"} <= set(state):
+        raise UserError(f"{path}: not a training checkpoint of train.py")
+    saved = state["args"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"{path}: cannot resume, the run's settings differ ({'; '.join(diff)[:400]})")
+    if set(tensor_keys) != set(state["lora"]):
+        raise UserError(f"{path}: its adapter tensors do not match the selected layers")
+    return state
+
+
+class RunFiles:
+    """Where a run writes: <output_dir>/<run name>/{models/<stem>.safetensors, models/<stem>_partial.safetensors,
+    checkpoint/state.pt, train_config.json, losses.csv, losses.png}."""
+
+    def __init__(self, run_dir: Path, stem: str = "lora"):
+        self.run_dir = Path(run_dir)
+        self.final = self.run_dir / "models" / f"{stem}.safetensors"
+        self.partial = self.run_dir / "models" / f"{stem}_partial.safetensors"
+        self.state = self.run_dir / "checkpoint" / "state.pt"
+        self.config = self.run_dir / "train_config.json"
+
+    def check(self, resume: bool) -> None:
+        """Refuse --resume without a checkpoint, and a fresh run over an unfinished one."""
+        if resume and not self.state.is_file():
+            raise UserError(f"--resume: no checkpoint at {self.state}"
+                            + (" (that run already finished)" if self.final.is_file() else ""))
+        if not resume and self.state.is_file():
+            raise UserError(f"{self.run_dir} holds an unfinished run ({self.state}); pass --resume to continue it, "
+                            "or delete that directory to start over")
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+def write_losses(run_dir: Path, losses: list[float]) -> str:
+    with open(run_dir / "losses.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iteration", "loss"])
+        w.writerows((i, repr(v)) for i, v in enumerate(losses))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "losses.csv written; losses.png skipped (matplotlib is not installed)"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.8, label="loss")
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 20)
+        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist()
+        ax.plot(range(k - 1, len(losses)), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("MSE loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "losses.png", dpi=100)
+    plt.close(fig)
+    return "losses.csv and losses.png written"
+
+
+class TrainingRun:
+    """A run from its settings to its files: resume, iterate, and end complete, diverged or interrupted."""
+
+    def __init__(self, settings: TrainSettings, method: Method, generator: torch.Generator, files: RunFiles,
+                 device: torch.device, autocast_dtype=None):
+        self.settings, self.method, self.files, self.device = settings, method, files, device
+        self.trainer = Trainer(method, settings.lr, generator, autocast_dtype)
+        self.start = 0
+        self.record = settings.config_record()
+
+    def run(self) -> int:
+        """Train; returns the exit code (0, EXIT_DIVERGED, EXIT_INTERRUPTED or EXIT_TERMINATED)."""
+        s, t = self.settings, self.trainer
+        if s.resume:
+            t.load_state_dict(read_state(self.files.state, s.fingerprint(), self.method.tensors))
+            self.start = t.done
+            print(f"resumed from {self.files.state} at iteration {self.start}/{s.iterations}")
+        self.record["iterations_done"] = self.start
+        (self.files.run_dir / "models").mkdir(parents=True, exist_ok=True)
+        write_json(self.files.config, self.record)
+        bar = tqdm(total=s.iterations, initial=self.start, desc=f"erasing {s.class_name}", dynamic_ncols=True)
+        try:
+            with t.signals:
+                bad = self._iterate(bar)
+        except KeyboardInterrupt as exc:
+            bar.close()
+            return self._interrupted(isinstance(exc, Terminated))
+        bar.close()
+        return self._diverged(*bad) if bad else self._complete()
+
+    def _iterate(self, bar) -> tuple | None:
+        """Iterations up to settings.iterations; None, or (iteration, value, plan) of a non-finite loss."""
+        s, t = self.settings, self.trainer
+        while t.done < s.iterations:
+            i = t.done
+            value, plan = t.step()
+            if t.done == i:  # non-finite loss: no update
+                return i, value, plan
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.5f}", t_enc=plan.t_enc)
+            if t.done % s.save_every == 0 and t.done < s.iterations:
+                self._save_state()
+        return None
+
+    def _save_state(self) -> None:
+        atomic_torch_save(self.trainer.state_dict(self.settings.fingerprint()), self.files.state)
+
+    def _finish(self, status: str, path: Path, done: int) -> None:
+        """Write the method's file (status in its metadata) and train_config.json (and the losses if asked)."""
+        t, losses = self.trainer, self.trainer.losses
+        extra = {"complete": "true" if status == "complete" else "false", "status": status,
+                 "iterations_done": str(done), **self.settings.adapter_metadata()}
+        self.method.save(path, extra)
+        mem, kind = peak_memory(self.device)
+        n_new = done - self.start
+        self.record.update({
+            "status": status, "iterations_done": done, "adapter": str(path),
+            "final_loss": losses[-1] if losses else None,
+            "average_loss": sum(losses) / len(losses) if losses else None,
+            "seconds_per_iteration": t.train_seconds / done if done else None,
+            "seconds_per_iteration_this_session": t.session_seconds / n_new if n_new > 0 else None,
+            "peak_memory_bytes": mem, "peak_memory_kind": kind, "peak_memory_gib": round(mem / 2 ** 30, 3),
+        })
+        write_json(self.files.config, self.record)
+        if self.settings.save_losses:
+            print(write_losses(self.files.run_dir, losses))
+
+    def _diverged(self, i: int, value: float, plan) -> int:
+        partial = self.files.partial
+        if self.trainer.snapshot is not None:
+            self.method.restore(self.trainer.snapshot)
+            self._finish("diverged", partial, i - 1)
+            where = f"the adapter of iteration {i - 1} (the last finite loss) saved as {partial}"
+        else:
+            where = "no adapter saved (the first loss was already non-finite)"
+        print(f"error: the loss became {value} at iteration {i} (t_enc {plan.t_enc}, t {plan.t}); "
+              f"stopped; {where}; try a lower --lr", file=sys.stderr)
+        return EXIT_DIVERGED
+
+    def _interrupted(self, terminated: bool) -> int:
+        done, f = self.trainer.done, self.files
+        self._save_state()
+        self._finish("interrupted", f.partial, done)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{how} at iteration {done}/{self.settings.iterations}: resumable state in {f.state}, partial "
+              f"adapter in {f.partial}; continue with the same command plus --resume", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+
+    def _complete(self) -> int:
+        f, r = self.files, self.record
+        self._finish("complete", f.final, self.trainer.done)
+        for stale in (f.partial, f.state):
+            stale.unlink(missing_ok=True)
+        print(f"saved {f.final} and {f.config}; final loss {self.trainer.losses[-1]:.6f}, "
+              f"mean {r['average_loss']:.6f}, {r['seconds_per_iteration']:.3f} s/it, peak memory "
+              f"{r['peak_memory_gib']} GiB ({r['peak_memory_kind']})")
+        return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import add_model_args, load_model, positive, run
+from ldm.cli import add_model_args, load_model, positive, resolve_image_size, run
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter scale (the release's: output = W x + alpha * x A B, not alpha/rank)")
     p.add_argument("--target_modules", nargs="+", default=list(DEFAULT_TARGETS),
                    help="Linear-name suffixes, or one preset: default xattn noxattn nsfw selfattn full")
-    p.add_argument("--image_size", type=positive(int), default=512)
+    p.add_argument("--image_size", type=positive(int), default=None,
+                   help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--ddim_steps", type=positive(int), default=50)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seeds adapter init and every random draw (default {DEFAULT_SEED}; the release had none)")
@@ -112,8 +113,6 @@ def check_input(args, prompts: dict[str, str]):
         raise UserError(f"--preserve: {prompts['target']!r} is the target prompt of {args.prompts_json}")
     if args.ddim_steps > 1000:
         raise UserError(f"--ddim_steps {args.ddim_steps}: at most 1000")
-    if args.image_size % 8:
-        raise UserError(f"--image_size {args.image_size}: must be a multiple of 8")
     autocast = resolve_dtype(args.precision, resolve_device(args.device))
     return None if autocast == torch.float32 else autocast
 
@@ -152,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     prompts = read_prompts_json(args.prompts_json, need_reference=True)
+    resolve_image_size(args)
     autocast = check_input(args, prompts)
     settings = settings_from_args(args, prompts)
     if settings.target_preset != args.target_modules:
@@ -159,7 +159,7 @@ def _train(args) -> int:
               f"--target_modules {' '.join(args.target_modules)} ignored")
     files = RunFiles(Path(args.output_dir) / settings.run_name())
     files.check(args.resume)
-    if not Path(args.ckpt).is_file():
+    if not Path(args.ckpt).exists():
         raise UserError(f"{args.ckpt}: checkpoint not found")
     model, device = load_model(args, precision="fp32")  # weights stay fp32; --precision is the autocast dtype
     model.requires_grad_(False)

@@ -1,14 +1,12 @@
 """What every script shares: model flags, device/precision resolution, one-line errors, resolved-config dumps."""
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 from ldm.errors import UserError
 from ldm.loader import image_size_facts, load_model_from_config, resolve_device, resolve_dtype
+from ldm.runs import write_json  # noqa: F401  (the scripts' atomic JSON writer)
 
 
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
@@ -86,15 +84,6 @@ def positive(kind=int):
             raise argparse.ArgumentTypeError(f"{text} must be > 0")
         return value
     return parse
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Atomic JSON write (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run(main) -> None:

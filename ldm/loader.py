@@ -60,11 +60,17 @@ def is_known_extra(key: str) -> bool:
 
 
 def file_sha256(path: str | Path, prefix_chars: int = 16) -> str:
-    """SHA-256 of a file (hex, shortened): identifies the base checkpoint an adapter was trained on."""
+    """SHA-256 of a file, or of a folder's files (names and bytes, in sorted order: a diffusers model folder)
+    (hex, shortened): identifies the base checkpoint an adapter was trained on."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
     return h.hexdigest()[:prefix_chars]
 
 

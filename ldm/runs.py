@@ -18,6 +18,15 @@ import torch
 from ldm.errors import UserError
 
 
+def write_json(path: str | Path, obj) -> None:
+    """Atomic JSON write (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def shard() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) of this process (torchrun's variables; 0, 1 when unset), checked."""
     rank_text, world_text = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import write_json
+from ldm.runs import write_json
 from ldm.erasure.settings import TrainSettings
 from ldm.errors import UserError
 

@@ -1,19 +1,15 @@
-"""A reduced run of scripts/e2e_toy.py: train.py -> compute_lora_diff.py -> generate_images.py (three ways) ->
+"""A reduced run of scripts/experiments/e2e_toy.py: train.py -> compute_lora_diff.py -> generate_images.py (three ways) ->
 the digit classifier, on the shipped toy-digits model. Thresholds are below what the full benchmark measures
 (README), so the test fails when erasure stops working, not on sampling noise."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.experiments import e2e_toy
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import e2e_toy
     out = tmp_path_factory.mktemp("e2e")
     e2e_toy.main(["--digit", "three", "--samples", "6", "--out", str(out)])
     return json.loads((out / "results.json").read_text()), out

@@ -1,4 +1,4 @@
-"""Adapter export (ldm/erasure/export.py, scripts/export_lora.py): diffusers' own loaders must reproduce our eps.
+"""Adapter export (ldm/erasure/export.py, scripts/tools/export_lora.py): diffusers' own loaders must reproduce our eps.
 
 Our tiny model (random weights moved off their initial values) gets an adapter with random, non-zero B; its base
 weights go to diffusers' UNet2DConditionModel through diffusers' own LDM converter, the exported file through
@@ -32,12 +32,8 @@ CASES = [("default", 1, 8.0), ("nsfw", 2, 3.0)]
 
 
 def export(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run scripts/export_lora.py in-process, as `ldm.cli.run` runs it: (exit code, stdout, stderr)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import export_lora
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    """Run scripts/tools/export_lora.py in-process, as `ldm.cli.run` runs it: (exit code, stdout, stderr)."""
+    from scripts.tools import export_lora
     from ldm.cli import run
     old = sys.argv
     sys.argv = ["export_lora.py", *argv]
@@ -279,9 +275,9 @@ def test_cli_subprocess(tmp_path, base):
     src, out = tmp_path / "ours.safetensors", tmp_path / "k.safetensors"
     save_adapter(src, unet, 8.0)
     out.write_bytes(b"old")
-    cmd = [sys.executable, str(REPO / "scripts" / "export_lora.py"), "--lora", str(src), "--format", "kohya",
+    cmd = [sys.executable, "-m", "scripts.tools.export_lora", "--lora", str(src), "--format", "kohya",
            "--output", str(out), "--config", str(TINY), "--overwrite"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "per-prompt gating" in proc.stdout
     assert len(load_file(str(out))) == 3 * len(lora_layers(unet))

@@ -1,17 +1,13 @@
-"""A reduced run of scripts/separability_toy.py: two adapters (three, seven) on the toy-digits model, loaded
+"""A reduced run of scripts/experiments/separability_toy.py: two adapters (three, seven) on the toy-digits model, loaded
 together and one at a time. Thresholds sit below what the full run measures (README: 5% / 0% erased, others
 99.4% against the base model's 99.4%, each digit back at 100% when its adapter is removed), so the test fails
 when composition or recovery stops working, not on sampling noise."""
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.experiments import separability_toy
 
 
 def test_two_adapters_erase_both_spare_the_rest_and_removal_recovers(tmp_path):
-    import separability_toy
     separability_toy.main(["--samples", "5", "--no_oracle", "--out", str(tmp_path)])
     c = json.loads((tmp_path / "results.json").read_text())["configs"]
     base, both = c["base"], c["both_skip"]

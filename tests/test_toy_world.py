@@ -37,10 +37,7 @@ def test_shipped_model_loads_strictly(toy_model):
 
 
 def test_prompt_files_name_trained_phrasings():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_toy_model", ROOT / "scripts/train_toy_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from scripts.tools import train_toy_model as train
     captions = set(train.all_captions()[0])
     for d, name in enumerate(D.WORDS):
         data = json.loads((PROMPTS / f"{name}.json").read_text())

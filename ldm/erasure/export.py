@@ -167,7 +167,7 @@ def from_kohya(sd: dict[str, torch.Tensor], linear_paths: list[str], blocks: dic
 
 
 # -----------------------------------------------------------------------------
-# the export, with validation (what scripts/export_lora.py runs)
+# the export, with validation (what scripts/tools/export_lora.py runs)
 
 def load_unet_config(config_path: str | Path) -> dict:
     config = load_config(config_path)

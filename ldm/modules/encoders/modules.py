@@ -5,7 +5,7 @@
 `.transformer` is transformers' CLIPTextModel (weights come from the SD checkpoint's
 `cond_stage_model.transformer.text_model.*`; nothing is downloaded). `.tokenizer` is
 transformers' CLIPTokenizer read from the BPE files in ./clip_tokenizer/, which
-scripts/make_clip_vocab.py builds from OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz (MIT).
+scripts/tools/make_clip_vocab.py builds from OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz (MIT).
 """
 from pathlib import Path
 

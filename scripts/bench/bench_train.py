@@ -2,11 +2,11 @@
 release's two copies (a deep-copied frozen base model for e_0 / e_p), each in its own fresh subprocess. An
 iteration is train.py's: `ldm.erasure.training.Trainer.step` (loss, backward, snapshot, Adam step).
 
-    python scripts/bench_train.py --config configs/tiny/tiny-inference.yaml --random_weights --image_size 16 \
+    python -m scripts.bench.bench_train --config configs/tiny/tiny-inference.yaml --random_weights --image_size 16 \
         --ddim_steps 10 --t_enc 8 --threads 1
-    python scripts/bench_train.py --config configs/stable-diffusion/v1-inference.yaml --random_weights \
+    python -m scripts.bench.bench_train --config configs/stable-diffusion/v1-inference.yaml --random_weights \
         --image_size 128 --t_enc 48 --iterations 3            # full SD v1 size, CPU: a few minutes
-    python scripts/bench_train.py --device cuda --ckpt models/sd-v1-4.ckpt   # 512 px, CUDA max allocated
+    python -m scripts.bench.bench_train --device cuda --ckpt models/sd-v1-4.ckpt   # 512 px, CUDA max allocated
 
 t_enc is fixed (default S-2: one CFG DDIM step, then the two scoring calls and the trained call) so that an
 iteration is short and both variants do identical work; the memory figure does not depend on t_enc.
@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def worker(a) -> dict:
@@ -101,7 +100,7 @@ def main() -> None:
 
     results = {}
     for v in a.variants:
-        argv = [sys.executable, __file__, "--_worker", v] + [x for x in sys.argv[1:] if x != "--variants"
+        argv = [sys.executable, "-m", "scripts.bench.bench_train", "--_worker", v] + [x for x in sys.argv[1:] if x != "--variants"
                                                              and x not in ("one", "two")]
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -1,7 +1,7 @@
 """Export an UnGuide adapter to the layouts other tools load.
 
-    python scripts/export_lora.py --lora out/lora.safetensors --format diffusers --output exports/lora_diffusers.safetensors
-    python scripts/export_lora.py --lora lora.pth --format kohya --output exports/lora_kohya.safetensors   # release file
+    python -m scripts.tools.export_lora --lora out/lora.safetensors --format diffusers --output exports/lora_diffusers.safetensors
+    python -m scripts.tools.export_lora --lora lora.pth --format kohya --output exports/lora_kohya.safetensors   # release file
 
 diffusers: `pipe.load_lora_weights("exports", weight_name="lora_diffusers.safetensors")` (PEFT keys, alpha folded
            into lora_B). kohya: AUTOMATIC1111 / ComfyUI LoRA folders (lora_unet_* keys, .alpha = alpha x rank).
@@ -9,15 +9,12 @@ Exports keep the adapter, always applied; they lose UnGuidance's per-prompt gati
 sampler. See ldm/erasure/export.py for the key map.
 """
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from ldm.cli import run  # noqa: E402
-from ldm.erasure.export import FORMATS, RELEASE_ALPHA, export_adapter, summary  # noqa: E402
+from ldm.cli import run
+from ldm.erasure.export import FORMATS, RELEASE_ALPHA, export_adapter, summary
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 REMINDER = ("note: the export keeps the adapter (always applied, to every prompt); it loses UnGuidance's "

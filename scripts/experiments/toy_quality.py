@@ -5,9 +5,9 @@ with seeds 0..n-1 (DDIM, CFG with the empty prompt), the images are classified b
 ldm.evaluation.digits, and the share classified as the intended digit is reported. Exit code 1 when any
 digit is below --threshold (default 0.9), 0 otherwise.
 
-    python scripts/toy_quality.py                                  # 50 images per digit, 50 steps, CFG 7.5
-    python scripts/toy_quality.py --n 10 --digits three seven --synonyms --grid /tmp/toy_grid.png
-    python scripts/toy_quality.py --json /tmp/toy_quality.json
+    python -m scripts.experiments.toy_quality                                  # 50 images per digit, 50 steps, CFG 7.5
+    python -m scripts.experiments.toy_quality --n 10 --digits three seven --synonyms --grid /tmp/toy_grid.png
+    python -m scripts.experiments.toy_quality --json /tmp/toy_quality.json
 """
 import argparse
 import json
@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from ldm.cli import positive, run, write_json  # noqa: E402
-from ldm.evaluation.digits import WORDS, generation_rates  # noqa: E402
-from ldm.images import image_grid, save_image  # noqa: E402
-from ldm.errors import UserError  # noqa: E402
-from ldm.loader import load_model_from_config  # noqa: E402
+from ldm.cli import positive, run, write_json
+from ldm.evaluation.digits import WORDS, generation_rates
+from ldm.images import image_grid, save_image
+from ldm.errors import UserError
+from ldm.loader import load_model_from_config
 
 
 def main() -> None:

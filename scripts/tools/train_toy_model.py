@@ -31,16 +31,15 @@ Prompt files {"target", "reference", "synonyms", "other"}, one per digit (zero.j
             one of the "other" digits that erasure must spare. "" is also ESD's own anchor (its objective uses
             the unconditional prediction). Caveat: "" is also the CFG unconditional branch.
 
-    python scripts/train_toy_model.py                     # ~12 min (one thread), seed 0: the shipped model
-    python scripts/train_toy_model.py --vae_steps 300 --unet_steps 500 --out /tmp/toy.safetensors  # smoke run
-    python scripts/train_toy_model.py --prompts_only      # (re)write data/digits/*.json only
-    python scripts/toy_quality.py                          # the quality bar (>= 90% per digit)
+    python -m scripts.tools.train_toy_model                     # ~12 min (one thread), seed 0: the shipped model
+    python -m scripts.tools.train_toy_model --vae_steps 300 --unet_steps 500 --out /tmp/toy.safetensors  # smoke run
+    python -m scripts.tools.train_toy_model --prompts_only      # (re)write data/digits/*.json only
+    python -m scripts.experiments.toy_quality                          # the quality bar (>= 90% per digit)
 """
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,12 +47,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from ldm.loader import release_state_dict  # noqa: E402
-from ldm.config import instantiate_from_config  # noqa: E402
+from ldm.loader import release_state_dict
+from ldm.config import instantiate_from_config
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # {w}: the digit's word, {n}: its numeral. Every phrasing used in data/digits/*.json is one of these.

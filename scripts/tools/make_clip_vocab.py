@@ -10,7 +10,7 @@ transformers' CLIPTokenizer reads:
                  <|startoftext|> (49406) and <|endoftext|> (49407).
     merges.txt   "#version: 0.2" and the 48,894 merge rules in rank order.
 
-Usage: python scripts/make_clip_vocab.py path/to/bpe_simple_vocab_16e6.txt.gz
+Usage: python -m scripts.tools.make_clip_vocab path/to/bpe_simple_vocab_16e6.txt.gz
 """
 import argparse
 import gzip

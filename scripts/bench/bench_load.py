@@ -1,6 +1,6 @@
 """Peak memory of the checkpoint loader at full SD v1 size, against a naive two-copy loader.
 
-    python scripts/bench_load.py [--config configs/stable-diffusion/v1-inference.yaml] [--tmpdir /tmp]
+    python -m scripts.bench.bench_load [--config configs/stable-diffusion/v1-inference.yaml] [--tmpdir /tmp]
 
 1. A fresh process builds the model of --config with random weights and saves its released state dict as a
    temporary fp32 .ckpt ({"state_dict": ..., "global_step": 0}) under --tmpdir (~4.3 GB for SD v1).
@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 GB = 1024 ** 3
 
 
@@ -102,7 +101,7 @@ def child(mode: str, config: str, ckpt: str) -> dict:
 
 
 def run_child(mode: str, config: str, ckpt: str) -> dict:
-    cmd = [sys.executable, __file__, "--config", config, "--_child", mode, "--_ckpt", ckpt]
+    cmd = [sys.executable, "-m", "scripts.bench.bench_load", "--config", config, "--_child", mode, "--_ckpt", ckpt]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} subprocess failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -1,9 +1,9 @@
 """Benchmark: the UnGuide release's protocol (two model copies) against ours (one copy; fast; fast + adaptive).
 
-    python scripts/bench_unguidance.py                                   # tiny config, CPU
-    python scripts/bench_unguidance.py --config configs/stable-diffusion/v1-inference.yaml --random_weights \
+    python -m scripts.bench.bench_unguidance                                   # tiny config, CPU
+    python -m scripts.bench.bench_unguidance --config configs/stable-diffusion/v1-inference.yaml --random_weights \
         --image_size 64 --rows 1 --json_prompts 3 --ddim_steps 50 --t_enc 40 --repeats 10    # full SD v1 architecture
-    python scripts/bench_unguidance.py ... --device cuda                 # on a GPU
+    python -m scripts.bench.bench_unguidance ... --device cuda                 # on a GPU
 
 Each protocol runs in its own child process (so peak memory is its own): the model has seeded random weights
 (every child builds the same), and the adapter is seeded too: "concept" (default) reacts to the tokens of
@@ -26,23 +26,22 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
-import torch  # noqa: E402
+import torch
 
-from ldm.erasure.lora import inject_lora, lora_layers  # noqa: E402
-from ldm.erasure.stability import Estimate, StabilitySettings  # noqa: E402
-from ldm.erasure.targets import select_targets  # noqa: E402
-from ldm.erasure.budget import UNetCounter, budgeted_repeats  # noqa: E402
-from ldm.erasure.guidance import decide, unguided_latents  # noqa: E402
-from ldm.erasure.protocols import Protocol, estimate_empty, fast_diff_table, fast_prompt_estimates  # noqa: E402
-from ldm.erasure.stability import margin_in_se  # noqa: E402
-from ldm.images import start_noise  # noqa: E402
-from ldm.prompts import diff_prompts, read_prompts_json  # noqa: E402
-from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,  # noqa: E402
+from ldm.erasure.lora import inject_lora, lora_layers
+from ldm.erasure.stability import Estimate, StabilitySettings
+from ldm.erasure.targets import select_targets
+from ldm.erasure.budget import UNetCounter, budgeted_repeats
+from ldm.erasure.guidance import decide, unguided_latents
+from ldm.erasure.protocols import Protocol, estimate_empty, fast_diff_table, fast_prompt_estimates
+from ldm.erasure.stability import margin_in_se
+from ldm.images import start_noise
+from ldm.prompts import diff_prompts, read_prompts_json
+from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,
                                        sample_ddim)
-from ldm.loader import build_model, resolve_device  # noqa: E402
+from ldm.loader import build_model, resolve_device
 
 VARIANTS = ["release", "fast", "fast_adaptive"]
 
@@ -311,8 +310,8 @@ def main() -> None:
     results = {}
     for v in args.variants:
         t0 = time.time()
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--_worker", v]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "scripts.bench.bench_unguidance", *sys.argv[1:], "--_worker", v]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(f"{v}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}")

@@ -1,6 +1,6 @@
 """The end-to-end erasure benchmark on the toy-digits model: erase one digit, show it is gone and nothing else broke.
 
-    python scripts/e2e_toy.py --digit three            # ~6 minutes on 2 CPU cores
+    python -m scripts.experiments.e2e_toy --digit three            # ~6 minutes on 2 CPU cores
 
 Runs the project's own scripts, as a user would, on models/toy-digits.safetensors:
     1. train.py             erase data/digits/<digit>.json's target (anchor: its "reference"), preserving the
@@ -18,23 +18,21 @@ defaults (200 iterations at lr 3e-5, no preservation term) stay in train.py for 
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-import compute_lora_diff  # noqa: E402
-import generate_images  # noqa: E402
-import train  # noqa: E402
-from ldm.cli import run, write_json  # noqa: E402
-from ldm.evaluation.digits import digit_of_text, digit_rates  # noqa: E402
-from ldm.images import image_grid, save_image  # noqa: E402
-from ldm.errors import UserError  # noqa: E402
+import compute_lora_diff
+import generate_images
+import train
+from ldm.cli import run, write_json
+from ldm.evaluation.digits import digit_of_text, digit_rates
+from ldm.images import image_grid, save_image
+from ldm.errors import UserError
 
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"

@@ -1,7 +1,7 @@
 """Composable erasure on the toy-digits model: two adapters at once, each with its own UnGuidance weight.
 
-    python scripts/separability_toy.py                        # digits three and seven, 30 images per prompt
-    python scripts/separability_toy.py --samples 20           # the README table (~12 minutes on 2 CPU cores)
+    python -m scripts.experiments.separability_toy                        # digits three and seven, 30 images per prompt
+    python -m scripts.experiments.separability_toy --samples 20           # the README table (~12 minutes on 2 CPU cores)
 
 Runs the project's own scripts on models/toy-digits.safetensors:
     1. train.py             one adapter per erased digit (data/digits/<digit>.json, the settings of e2e_toy.py);
@@ -21,22 +21,19 @@ eight prompts, UNet sample-evaluations per image (sampling + the on-the-fly stab
 """
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
 
-import generate_images  # noqa: E402
-from e2e_toy import add_toy_args, train_argv  # noqa: E402
-import train  # noqa: E402
-from ldm.cli import run, write_json  # noqa: E402
-from ldm.evaluation.digits import digit_of_text, digit_rates  # noqa: E402
-from ldm.errors import UserError  # noqa: E402
+import generate_images
+from scripts.experiments.e2e_toy import add_toy_args, train_argv
+import train
+from ldm.cli import run, write_json
+from ldm.evaluation.digits import digit_of_text, digit_rates
+from ldm.errors import UserError
 
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"

@@ -1,0 +1,1 @@
+"""Command-line tools that are not part of the erasure workflow: benchmarks (bench/), experiments whose figures the README quotes (experiments/), and tools (tools/). Run them as modules from the repository root, e.g. `python -m scripts.experiments.e2e_toy`."""

@@ -1,0 +1,1 @@
+"""Tools: export of adapters, the tokenizer-file builder, the toy model trainer."""

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=positive(int), default=200)
     p.add_argument("--lr", type=positive(float), default=3e-5)
     p.add_argument("--output_dir", default="output")
+    p.add_argument("--run_name", default=None,
+                   help="the run's folder under --output_dir (default: the release's name, made of the settings)")
     p.add_argument("--lora_rank", type=positive(int), default=1)
     p.add_argument("--lora_alpha", type=positive(float), default=8,
                    help="adapter scale (the release's: output = W x + alpha * x A B, not alpha/rank)")
@@ -157,7 +159,9 @@ def _train(args) -> int:
     if settings.target_preset != args.target_modules:
         print(f"{args.prompts_json} ends in nsfw.json: using the nsfw target preset (as the release), "
               f"--target_modules {' '.join(args.target_modules)} ignored")
-    files = RunFiles(Path(args.output_dir) / settings.run_name())
+    run_dir = Path(args.output_dir) / (args.run_name or settings.run_name())
+    print(f"run folder: {run_dir}")
+    files = RunFiles(run_dir)
     files.check(args.resume)
     if not Path(args.ckpt).exists():
         raise UserError(f"{args.ckpt}: checkpoint not found")

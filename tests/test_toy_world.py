@@ -81,3 +81,27 @@ def test_reduced_quality_bar(toy_model):
     rates = {p: r["rate"] for p, r in res.items()}
     print(rates)
     assert all(r >= 0.8 for r in rates.values()), rates
+
+
+def test_judge_reads_junk_as_unsure_and_real_digits_as_sure():
+    """The 'nothing digit-like' outcome: blank, grey and noise images are unsure; real held-out digits are sure."""
+    from sklearn.model_selection import train_test_split
+    junk = [Image.fromarray(np.zeros((16, 16), np.uint8)), Image.fromarray(np.full((16, 16), 128, np.uint8)),
+            Image.fromarray((np.random.default_rng(0).random((16, 16)) * 255).astype(np.uint8))]
+    _, sure = D.classify_with_confidence(junk)
+    assert not sure.any()
+    x, y = D.real_digits_features()
+    _, xb, _, yb = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    grey = (xb.reshape(-1, 8, 8) * (255 / 16)).round().astype(np.uint8).repeat(2, 1).repeat(2, 2)
+    preds, sure = D.classify_with_confidence(list(grey))
+    assert sure.mean() >= 0.99 and (preds == yb).mean() > 0.95
+
+
+def test_digit_rates_report_confusion_and_unsure(tmp_path):
+    (tmp_path / "blank").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "blank" / f"{i:05d}.png")
+    res = D.digit_rates(tmp_path)
+    f = res["folders"]["blank"]
+    assert f["n"] == 3 and f["unsure_rate"] == 1.0 and sum(f["sure_rates"]) == 0.0
+    assert abs(sum(f["rates"]) - 1.0) < 1e-9 and len(res["unsure"]) == 3

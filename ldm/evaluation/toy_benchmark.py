@@ -1,0 +1,113 @@
+"""The toy-digits benchmarks' shared pieces: the toy model's erasure settings, running the project's own scripts
+on it as a user would (each in its own process), and summarising what the digit classifier saw.
+
+Used by scripts/experiments/ (e2e_toy.py, separability_toy.py, ...). The toy settings are this model's, found by
+a small search; Stable Diffusion keeps the release's defaults in train.py.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ldm.errors import UserError
+from ldm.evaluation.digits import WORDS, digit_of_text
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs/toy/digits-inference.yaml"
+CKPT = ROOT / "models/toy-digits.safetensors"
+DIGITS_DIR = ROOT / "data" / "digits"
+IMAGE_SIZE = 16
+TOY_SETTINGS = {"iterations": 300, "lr": 3e-4, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50,
+                "lora_rank": 1, "lora_alpha": 8.0, "target_modules": ["default"], "start_guidance": 9.0,
+                "preserve_weight": 10.0}
+# Preservation prompts (train.py --preserve) for erasing digit d: the OTHER nine digits in a template the
+# benchmarks never sample ("a handwritten 7"; the tables' prompts spell digits as words: "... the digit seven").
+PRESERVE_TEMPLATE = "a handwritten {}"
+
+
+def prompts_file(digit: str) -> Path:
+    path = DIGITS_DIR / f"{digit}.json"
+    if digit not in WORDS or not path.is_file():
+        raise UserError(f"--digit {digit!r}: one of {', '.join(WORDS)}")
+    return path
+
+
+def preserve_prompts(prompts_json: Path) -> list[str]:
+    """The preservation prompts for the digit that `prompts_json`'s target names."""
+    target = digit_of_text(json.loads(Path(prompts_json).read_text())["target"])
+    return [PRESERVE_TEMPLATE.format(d) for d in range(10) if d != target]
+
+
+def add_toy_args(p) -> None:
+    """The flags shared by the toy benchmarks (their defaults: TOY_SETTINGS)."""
+    s = TOY_SETTINGS
+    p.add_argument("--steps", type=int, default=s["steps"], help="DDIM steps of sampling and of the test")
+    p.add_argument("--iterations", type=int, default=s["iterations"])
+    p.add_argument("--lr", type=float, default=s["lr"])
+    p.add_argument("--negative_guidance", type=float, default=s["negative_guidance"])
+    p.add_argument("--lora_rank", type=int, default=s["lora_rank"])
+    p.add_argument("--lora_alpha", type=float, default=s["lora_alpha"])
+    p.add_argument("--target_modules", nargs="+", default=s["target_modules"])
+    p.add_argument("--start_guidance", type=float, default=s["start_guidance"])
+    p.add_argument("--preserve_weight", type=float, default=s["preserve_weight"],
+                   help="train.py --preserve_weight for the other nine digits' 'a handwritten N' prompts; "
+                        "0: the release's objective alone")
+    p.add_argument("--t_enc", type=int, default=s["t_enc"], help="stability test: partial trajectory down to t_enc")
+    p.add_argument("--repeats", type=int, default=s["repeats"], help="stability test draws per prompt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is the fastest for this model)")
+
+
+def model_args(args) -> list[str]:
+    return ["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device, "--threads", str(args.threads)]
+
+
+def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[list[str], Path]:
+    """train.py's arguments for the toy model with the toy flags of add_toy_args, and the adapter file it writes.
+    The run folder is named after a hash of these arguments: a folder holds one set of settings."""
+    argv = ["--prompts_json", str(prompts_json), "--image_size", str(IMAGE_SIZE),
+            "--iterations", str(args.iterations), "--lr", str(args.lr), "--ddim_steps", str(args.steps),
+            "--negative_guidance", str(args.negative_guidance), "--seed", str(seed),
+            "--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_alpha),
+            "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules]
+    if args.preserve_weight > 0:
+        argv += ["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
+    name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(' '.join(argv).encode()).hexdigest()[:8]}"
+    argv = ["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
+            "--threads", str(args.threads), "--output_dir", str(output_dir), "--run_name", name, *argv]
+    return argv, Path(output_dir) / name / "models" / "lora.safetensors"
+
+
+def train_adapter(args, prompts_json: Path, output_dir: Path, seed: int) -> Path:
+    """The adapter of the toy settings for this digit and seed: trained with train.py, or reused when that exact
+    run finished before (train.py writes the adapter only when the run completes)."""
+    argv, lora = train_argv(args, prompts_json, output_dir, seed)
+    if lora.is_file():
+        print(f"reusing {lora}")
+        return lora
+    run_script("train.py", argv)
+    return lora
+
+
+def run_script(script: str, argv: list[str]) -> None:
+    """Run one of the project's scripts in its own process, from the repository root, as a user would; its output
+    goes to ours. A failure is one line naming the command."""
+    proc = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT)
+    if proc.returncode:
+        raise UserError(f"{script} {' '.join(map(str, argv))[:300]} ... exited with {proc.returncode}")
+
+
+def generate_argv(args, output_dir: Path, samples: int, seed: int, batch_size: int = 100) -> list[str]:
+    """generate_images.py's common arguments on the toy model (add --lora, --prompt(s), --w1/--w2 ...)."""
+    return [*model_args(args), "--output_dir", str(output_dir), "--samples", str(samples), "--steps", str(args.steps),
+            "--seed", str(seed), "--image_size", str(IMAGE_SIZE), "--batch_size", str(batch_size),
+            "--t_enc", str(args.t_enc), "--repeats", str(args.repeats)]
+
+
+def prompt_rate(folders: dict, folder_of: dict[str, str], prompts: list[str], digit_of) -> float:
+    """Share of the images of `prompts` that the classifier read as digit_of(prompt) (pooled over the prompts).
+    folders: digit_rates(...)["folders"]; folder_of: {prompt: its image folder}."""
+    n = sum(folders[folder_of[p]]["n"] for p in prompts)
+    hits = sum(folders[folder_of[p]]["rates"][digit_of(p)] * folders[folder_of[p]]["n"] for p in prompts)
+    return hits / max(n, 1)

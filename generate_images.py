@@ -8,8 +8,9 @@ the release's .pth), calc_diff_results.json (compute_lora_diff.py) and train_con
 Explicit mode: --lora with --prompts_json or --prompt (repeatable); --diff_results, or the stability test runs on
 the fly (fast protocol) -> output_dir/images/<class>/<idx:05d>.jpg, output_dir/run_config.json (what made the
 images: the base weights and adapters by content fingerprint, w1, w2, steps, CFG, seed, size, protocol; a rerun
-with other settings is refused) and output_dir/decisions.json ({prompt: {folder, w, d, d_empty}} per adapter;
-d only where the test ran here). A rerun may add prompts: earlier prompts keep their folders.
+with other settings is refused), output_dir/decisions.json ({prompt: {folder, w, d, d_empty}} per adapter;
+d only where the test ran here) and output_dir/run_summary.json (this run's images, seconds, UNet
+sample-evaluations of the test and of sampling). A rerun may add prompts: earlier prompts keep their folders.
 
 w = w1 when d(p) > d("") else w2. --w1 0 --w2 0: the adapter alone; --w1 1 --w2 1: the base model alone (no
 adapter loaded, no stability test). Image idx uses seed + idx (a CPU generator: the same picture on CPU and CUDA).
@@ -135,6 +136,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     stats = _explicit(args, fixed_w) if explicit else _experiments(args, fixed_w)
     secs, total, evals = time.time() - t0, stats["images"], stats["unet_evals"]
+    if explicit:  # what this run did (the last run in the folder), for benchmarks and readers
+        write_json(Path(args.output_dir) / "run_summary.json", {"images": total, "seconds": round(secs, 2), **stats})
     if total:
         print(f"summary: {total} images in {secs:.1f}s ({secs / total:.2f} s/image, "
               f"{evals / total:.0f} UNet sample-evaluations per image)")

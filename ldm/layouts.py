@@ -12,13 +12,13 @@ no key of ours asks for are reported as unexpected, as for any checkpoint. The k
 architecture (res blocks, attentions, down/upsamplers per level); they are checked against diffusers' own
 models in tests/test_layouts.py.
 """
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ldm.errors import UserError
+from ldm.runs import read_json
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -115,14 +115,6 @@ def _take(theirs: dict[str, torch.Tensor], key: str, like: torch.Tensor, used: s
     return value
 
 
-def convert_unet(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], source: str
-                 ) -> dict[str, torch.Tensor]:
-    """A diffusers-layout UNet state dict -> {our key (model.diffusion_model.*): tensor}; UserError on a mismatch."""
-    n = _num_res_blocks(ours)
-    mine = {k: unet_key(k[len(UNET_PREFIX):], n) for k in ours if k.startswith(UNET_PREFIX)}
-    return _convert(theirs, ours, mine, source, "UNet")
-
-
 def _convert(theirs: dict, ours: dict, mine: dict[str, str], source: str, what: str) -> dict[str, torch.Tensor]:
     used: set[str] = set()
     out, missing = {}, []
@@ -141,11 +133,20 @@ def _convert(theirs: dict, ours: dict, mine: dict[str, str], source: str, what: 
     return out
 
 
+def convert_unet(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], source: str
+                 ) -> dict[str, torch.Tensor]:
+    """A diffusers-layout UNet state dict -> {our key (model.diffusion_model.*): tensor}; UserError on a mismatch."""
+    n = _num_res_blocks(ours)
+    return _convert(theirs, ours, {k: unet_key(k[len(UNET_PREFIX):], n) for k in ours if k.startswith(UNET_PREFIX)},
+                    source, "UNet")
+
+
 def convert_vae(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], source: str
                 ) -> dict[str, torch.Tensor]:
-    levels = _vae_levels(ours)
-    mine = {k: vae_key(k[len(VAE_PREFIX):], levels) for k in ours if k.startswith(VAE_PREFIX)}
-    return _convert(theirs, ours, mine, source, "VAE")
+    """A diffusers-layout AutoencoderKL state dict -> {our key (first_stage_model.*): tensor}."""
+    n = _vae_levels(ours)
+    return _convert(theirs, ours, {k: vae_key(k[len(VAE_PREFIX):], n) for k in ours if k.startswith(VAE_PREFIX)},
+                    source, "VAE")
 
 
 def convert_text(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], source: str
@@ -186,10 +187,7 @@ def component_file(folder: Path, component: str) -> Path:
 
 
 def read_model_index(folder: Path) -> dict:
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{folder / 'model_index.json'}: not valid JSON ({exc})")
+    index = read_json(folder / "model_index.json", "model index")
     if not isinstance(index, dict):
         raise UserError(f"{folder / 'model_index.json'}: expected a JSON object")
     return index

@@ -1,10 +1,10 @@
 """The prompts JSON every script reads: {"target", "reference", "synonyms": [...], "other": [..., ""]}, the prompt
 lists the scripts take from it, and the image folder of each prompt (generate_images.py's layout)."""
-import json
 import re
 from pathlib import Path
 
 from ldm.errors import UserError
+from ldm.runs import read_json
 
 
 def read_prompts_json(path: str | Path, need_reference: bool = False) -> dict:
@@ -13,13 +13,7 @@ def read_prompts_json(path: str | Path, need_reference: bool = False) -> dict:
     target: a non-empty string (the concept); reference: the anchor prompt (required for training);
     synonyms / other: lists of strings (optional).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: prompts JSON not found" if not p.exists() else f"{path}: is not a file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})")
+    data = read_json(path, "prompts JSON")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object with \"target\" and \"reference\"")
     for key in ("target", "reference") if need_reference else ("target",):

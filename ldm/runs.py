@@ -27,6 +27,17 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str | Path, what: str = "JSON file"):
+    """The parsed content of a JSON file; UserError naming the file when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found" if not path.exists() else f"{path}: is not a file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})")
+
+
 def shard() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) of this process (torchrun's variables; 0, 1 when unset), checked."""
     rank_text, world_text = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
@@ -66,10 +77,7 @@ def check_run_config(folder: Path, config: dict, ignore: tuple[str, ...] = ()) -
     path = Path(folder) / "run_config.json"
     if not path.is_file():
         return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); delete it (or the folder) to start over")
+    old = read_json(path, "run record")
     if not isinstance(old, dict):
         raise UserError(f"{path}: not a run record (expected a JSON object)")
     diff = sorted(k for k in config if k not in ignore and k in old and old[k] != config[k])

@@ -129,6 +129,19 @@ def randomize_adapters(model, seed: int, scale: float):
     return model
 
 
+def random_adapter_file(base, path, seed: int, rank: int = 1, targets=None, scale: float = 0.05):
+    """Write a random (seeded, non-zero) adapter on a copy of `base` to `path`; -> path."""
+    import copy
+    from ldm.erasure.io import save_adapter
+    from ldm.erasure.lora import inject_lora
+    from ldm.erasure.targets import select_targets
+    m = copy.deepcopy(base)
+    inject_lora(m.unet, targets or select_targets(m.unet), rank, 8.0, generator=torch.Generator().manual_seed(seed))
+    randomize_adapters(m, seed + 100, scale)
+    save_adapter(path, m.unet, alpha=8.0)
+    return path
+
+
 def ref_cfg(m, prompt: str, scale: float = 7.5):
     """The plain CFG model function of model m for one prompt: u + scale (c - u), two separate UNet calls."""
     c, u = m.get_learned_conditioning([prompt]), m.get_learned_conditioning([""])

@@ -13,10 +13,10 @@ import torch
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint, tiny_model
+from helpers_model import TINY, random_adapter_file, ref_cfg, rel_err, tiny_checkpoint, tiny_model
 from ldm.cli import run
-from ldm.erasure.io import load_adapter, save_adapter
-from ldm.erasure.lora import inject_lora, lora_layers, remove_lora
+from ldm.erasure.io import load_adapter
+from ldm.erasure.lora import lora_layers, remove_lora
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.targets import select_targets
 from ldm.erasure.budget import UNetCounter
@@ -39,20 +39,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _adapter(base, path, seed, rank=1, targets=None, scale=0.05):
-    m = copy.deepcopy(base)
-    inject_lora(m.unet, targets or select_targets(m.unet), rank, 8.0, generator=torch.Generator().manual_seed(seed))
-    randomize_adapters(m, seed + 100, scale)
-    save_adapter(path, m.unet, alpha=8.0)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(base model, ckpt, [adapter a, adapter b])."""
     d = tmp_path_factory.mktemp("multi")
     base, ckpt = tiny_checkpoint(d)
-    return base, ckpt, [_adapter(base, d / "a.safetensors", 1), _adapter(base, d / "b.safetensors", 2, scale=0.08)]
+    return base, ckpt, [random_adapter_file(base, d / "a.safetensors", 1),
+                        random_adapter_file(base, d / "b.safetensors", 2, scale=0.08)]
 
 
 def model_args(world):
@@ -213,7 +206,7 @@ def test_bad_input(world, tmp_path, capsys):
     assert exit_code(generate_images.main, args + ["--lora", str(a), str(b), "--diff_results",
                                                    str(tmp_path / "x.json")]) == 2           # 1 file for 2 adapters
     other = tiny_model(1)
-    foreign = _adapter(other, tmp_path / "foreign.safetensors", 3)
+    foreign = random_adapter_file(other, tmp_path / "foreign.safetensors", 3)
     assert exit_code(generate_images.main, args + ["--lora", str(a), str(foreign)]) == 2    # another base model
     assert "another base model" in capsys.readouterr().err
     csv = tmp_path / "p.csv"
@@ -222,7 +215,7 @@ def test_bad_input(world, tmp_path, capsys):
                                                  "--lora", str(a), str(copy_a), "--image_size", str(SIZE),
                                                  "--ddim_steps", "4", "--t_enc", "2", *model_args(world)]) == 2
     # overlapping targets with another rank: allowed, one line says so
-    r2 = _adapter(base, tmp_path / "rank2.safetensors", 4, rank=2, targets=select_targets(base.unet)[:2])
+    r2 = random_adapter_file(base, tmp_path / "rank2.safetensors", 4, rank=2, targets=select_targets(base.unet)[:2])
     capsys.readouterr()
     generate_images.main(args + ["--lora", str(a), str(r2), "--w1", "0", "--w2", "0"])
     notes = [line for line in capsys.readouterr().err.splitlines() if "different ranks" in line]

@@ -3,7 +3,6 @@ adapter, other settings or other base weights in the same --output_dir are refus
 without mixing two prompts' images; the same adapter under other bytes is refused; one process per folder."""
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -12,11 +11,8 @@ import torch
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import REPO, TINY, randomize_adapters, save_checkpoint, tiny_checkpoint
+from helpers_model import REPO, TINY, random_adapter_file, save_checkpoint, tiny_checkpoint
 from ldm.cli import run
-from ldm.erasure.io import save_adapter
-from ldm.erasure.lora import inject_lora
-from ldm.erasure.targets import select_targets
 from ldm.errors import UserError
 from ldm.prompts import extend_class_dirs
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard, tensors_fingerprint
@@ -32,14 +28,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _adapter(base, path, seed):
-    m = copy.deepcopy(base)
-    inject_lora(m.unet, select_targets(m.unet), 1, 8.0, generator=torch.Generator().manual_seed(seed))
-    randomize_adapters(m, seed + 100, 0.05)
-    save_adapter(path, m.unet, alpha=8.0)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
@@ -48,8 +36,8 @@ def world(tmp_path_factory):
     with torch.no_grad():
         other.unet.out[-1].weight.mul_(1.01)
     other_ckpt = save_checkpoint(other, d / "other.safetensors")
-    return {"base": base, "ckpt": ckpt, "other_ckpt": other_ckpt, "a": _adapter(base, d / "a.safetensors", 1),
-            "b": _adapter(base, d / "b.safetensors", 2), "dir": d}
+    return {"base": base, "ckpt": ckpt, "other_ckpt": other_ckpt, "dir": d,
+            "a": random_adapter_file(base, d / "a.safetensors", 1), "b": random_adapter_file(base, d / "b.safetensors", 2)}
 
 
 def gen_args(world, out, *extra, ckpt=None, lora="a"):

@@ -1,11 +1,11 @@
 """Composable erasure on the toy-digits model: two adapters at once, each with its own UnGuidance weight.
 
-    python -m scripts.experiments.separability_toy                        # digits three and seven, 30 images per prompt
-    python -m scripts.experiments.separability_toy --samples 20           # the README table (~12 minutes on 2 CPU cores)
+    python -m scripts.experiments.separability_toy                 # digits three and seven, 30 images per prompt
+    python -m scripts.experiments.separability_toy --samples 20    # the README table (~12 minutes on 2 CPU cores)
 
-Runs the project's own scripts on models/toy-digits.safetensors:
-    1. train.py             one adapter per erased digit (data/digits/<digit>.json, the settings of e2e_toy.py);
-                            an adapter already in --out/train/<digit>/ is reused
+Runs the project's own scripts, each in its own process, on models/toy-digits.safetensors:
+    1. train.py             one adapter per erased digit (data/digits/<digit>.json, the toy settings of
+                            ldm/evaluation/toy_benchmark.py); an adapter of that exact run in --out/train/ is reused
     2. generate_images.py   for the ten prompts "a photo of the digit <name>", five configurations:
                             base model; both adapters with UnGuide (w1 -1, w2 2; the stability test on the fly,
                             one batched test for both), with and without --skip_unrelated; each adapter alone
@@ -20,24 +20,16 @@ eight prompts, UNet sample-evaluations per image (sampling + the on-the-fly stab
 (generation incl. the test; training not counted). Every configuration uses the same seeds (paired images).
 """
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-import generate_images
-from scripts.experiments.e2e_toy import add_toy_args, train_argv
-import train
 from ldm.cli import run, write_json
-from ldm.evaluation.digits import digit_of_text, digit_rates
 from ldm.errors import UserError
-
-CONFIG = ROOT / "configs/toy/digits-inference.yaml"
-CKPT = ROOT / "models/toy-digits.safetensors"
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from ldm.evaluation.digits import WORDS as NAMES
+from ldm.evaluation.digits import digit_of_text, digit_rates
+from ldm.evaluation.toy_benchmark import ROOT, add_toy_args, generate_argv, prompts_file, run_script, train_adapter
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,32 +38,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "outputs" / "separability_toy"))
     p.add_argument("--samples", type=int, default=30, help="images per prompt and configuration")
     add_toy_args(p)
+    p.add_argument("--seed", type=int, default=0, help="training seed of both adapters, and the images' seed")
     p.add_argument("--batch_size", type=int, default=100, help="images per sampling batch")
     p.add_argument("--no_oracle", dest="oracle", action="store_false",
                    help="leave out the rows with oracle decisions")
     return p
 
 
-def train_adapter(digit: str, out: Path, args) -> Path:
-    """The adapter erasing `digit` with the toy settings (reused when that exact run is already there)."""
-    argv, lora = train_argv(args, ROOT / "data" / "digits" / f"{digit}.json", out / "train" / digit)
-    if lora.is_file():
-        print(f"{digit}: reusing {lora}")
-        return lora
-    train.main(argv)
-    return lora
-
-
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads)  # the toy model's matrices are small: one thread is the fastest
     a, b = args.digits
     if a == b or a not in NAMES or b not in NAMES:
         raise UserError(f"--digits {a} {b}: two different names of {', '.join(NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lora = {d: train_adapter(d, out, args) for d in (a, b)}
+    lora = {d: train_adapter(args, prompts_file(d), out / "train", args.seed) for d in (a, b)}
     train_secs = time.time() - t0
 
     prompts = [f"a photo of the digit {n}" for n in NAMES]
@@ -98,7 +80,6 @@ def main(argv=None) -> None:
             f"only_{b}_oracle": (f"{b} alone ({a} removed), oracle decisions", [lora[b]],
                                  ["--diff_results", str(oracle[b])]),
         })
-    model_args = ["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device]
     results = {"digits": [a, b], "samples": args.samples, "adapters": {d: str(p) for d, p in lora.items()},
                "train_seconds": train_secs, "configs": {}}
     for key, (label, files, extra) in configs.items():
@@ -106,12 +87,10 @@ def main(argv=None) -> None:
         if folder.exists():
             shutil.rmtree(folder)  # a fresh run: the timings and counts are this run's
         t1 = time.time()
-        stats = generate_images.main(
-            model_args + ["--output_dir", str(folder), "--samples", str(args.samples), "--steps", str(args.steps),
-                          "--seed", str(args.seed), "--image_size", "16", "--batch_size", str(args.batch_size),
-                          "--t_enc", str(args.t_enc), "--repeats", str(args.repeats)]
-            + sum([["--prompt", p] for p in prompts], [])
-            + (["--lora", *map(str, files)] if files else []) + extra)
+        run_script("generate_images.py", generate_argv(args, folder, args.samples, args.seed, args.batch_size)
+                   + sum([["--prompt", p] for p in prompts], []) + (["--lora", *map(str, files)] if files else [])
+                   + extra)
+        stats = json.loads((folder / "run_summary.json").read_text())
         secs = time.time() - t1
         res = digit_rates(folder / "images")
         results["configs"][key] = {"label": label, "adapters": [str(f) for f in files], **summarise(res, a, b),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, resolve_image_size, load_model, positive, run
+from ldm.cli import HelpFormatter, add_model_args, load_model, positive, resolve_image_size, run
 from ldm.erasure.budget import UNetCounter, evals_per_draw
 from ldm.erasure.guidance import decide
 from ldm.erasure.io import load_adapter
@@ -28,30 +28,38 @@ from ldm.prompts import diff_prompts, read_prompts_json
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     for a in ("--config", "--ckpt"):
         p._option_string_actions[a].required = True  # required, as in the release
     p.add_argument("--lora", required=True, help="adapter: our .safetensors or the release's lora.pth")
     p.add_argument("--lora_alpha", type=float, default=None, help="alpha for a release lora.pth (default 8)")
-    p.add_argument("--prompts_json", required=True)
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--prompts_json", required=True,
+                   help="the concept's prompts (README: Files)")
+    p.add_argument("--output_dir", required=True,
+                   help="where calc_diff_results.json goes (the experiment folder)")
     p.add_argument("--seed", type=int, default=None, help="draw seed (default: a random one, recorded)")
-    p.add_argument("--ddim_steps", type=positive(), default=50)
+    p.add_argument("--ddim_steps", type=positive(), default=50,
+                   help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the partial trajectory")
     p.add_argument("--repeats", type=positive(), default=1, help="draws per prompt (the maximum with --adaptive)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--t_enc", type=int, default=25)
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta of the partial trajectory")
+    p.add_argument("--t_enc", type=int, default=25,
+                   help="the partial trajectory stops at DDIM index t_enc")
     p.add_argument("--n_samples", type=positive(), default=25, help="release protocol: start codes per chunk")
-    p.add_argument("--protocol", choices=["release", "fast"], default="fast")
+    p.add_argument("--protocol", choices=["release", "fast"], default="fast",
+                   help="release: the release's draws and schedule; fast: ours")
     p.add_argument("--schedule", choices=["standard", "release"], default=None,
                    help="DDIM schedule (default: release for --protocol release, standard for fast)")
     p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
     p.add_argument("--adaptive", action="store_true", help="fast: draw repeats in rounds until the decision is clear")
-    p.add_argument("--k_se", type=float, default=3.0)
-    p.add_argument("--min_repeats", type=positive(), default=4)
+    p.add_argument("--k_se", type=float, default=3.0,
+                   help="adaptive: a decision is clear past k_se combined standard errors")
+    p.add_argument("--min_repeats", type=positive(), default=4,
+                   help="adaptive: draws before the first check")
     p.add_argument("--max_batch", type=positive(), default=64, help="UNet samples per call")
     return p
 

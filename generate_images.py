@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, resolve_image_size, image_autocast, load_model, positive, run, write_json
+from ldm.cli import HelpFormatter, add_model_args, image_autocast, load_model, positive, resolve_image_size, run, write_json
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
 from ldm.erasure.budget import UNetCounter
@@ -53,14 +53,20 @@ def _images_of(img_root: Path) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, ckpt_default="models/sd-v1-4-full-ema.ckpt")
-    p.add_argument("--output_dir", default="cat")
-    p.add_argument("--samples", type=positive(), default=50)
-    p.add_argument("--w1", type=float, default=-1.0)
-    p.add_argument("--w2", type=float, default=2.0)
-    p.add_argument("--steps", type=positive(), default=50)
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--output_dir", default="cat",
+                   help="experiment mode: the folder of experiments; explicit mode: where images/ and the records go")
+    p.add_argument("--samples", type=positive(), default=50,
+                   help="images per prompt")
+    p.add_argument("--w1", type=float, default=-1.0,
+                   help="w for prompts the stability test flags (d(p) > d(\"\")); 1 = base, 0 = adapter")
+    p.add_argument("--w2", type=float, default=2.0,
+                   help="w for the other prompts")
+    p.add_argument("--steps", type=positive(), default=50,
+                   help="DDIM steps")
+    p.add_argument("--seed", type=int, default=2024,
+                   help="image idx uses seed + idx; also the on-the-fly test's draws")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import add_model_args, load_model, positive, resolve_image_size, run
+from ldm.cli import HelpFormatter, add_model_args, load_model, positive, resolve_image_size, run
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
@@ -48,29 +48,35 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, "--config_path", "--ckpt_path")
     for action in p._actions:
         if action.dest == "precision":
             action.help = "autocast dtype of the UNet (CUDA; bf16 also on CPU); the weights and adapters stay fp32"
     p.add_argument("--prompts_json", default="data/cat.json",
                    help='{"target": ..., "reference": ...}; a name ending in nsfw.json selects the nsfw preset')
-    p.add_argument("--iterations", type=positive(int), default=200)
-    p.add_argument("--lr", type=positive(float), default=3e-5)
-    p.add_argument("--output_dir", default="output")
+    p.add_argument("--iterations", type=positive(int), default=200,
+                   help="optimisation steps")
+    p.add_argument("--lr", type=positive(float), default=3e-5,
+                   help="Adam learning rate")
+    p.add_argument("--output_dir", default="output",
+                   help="the run folder goes under it")
     p.add_argument("--run_name", default=None,
                    help="the run's folder under --output_dir (default: the release's name, made of the settings)")
-    p.add_argument("--lora_rank", type=positive(int), default=1)
+    p.add_argument("--lora_rank", type=positive(int), default=1,
+                   help="rank of the adapter")
     p.add_argument("--lora_alpha", type=positive(float), default=8,
                    help="adapter scale (the release's: output = W x + alpha * x A B, not alpha/rank)")
     p.add_argument("--target_modules", nargs="+", default=list(DEFAULT_TARGETS),
                    help="Linear-name suffixes, or one preset: default xattn noxattn nsfw selfattn full")
     p.add_argument("--image_size", type=positive(int), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
-    p.add_argument("--ddim_steps", type=positive(int), default=50)
+    p.add_argument("--ddim_steps", type=positive(int), default=50,
+                   help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seeds adapter init and every random draw (default {DEFAULT_SEED}; the release had none)")
-    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--ddim_eta", type=float, default=0.0,
+                   help="DDIM eta of the partial trajectory")
     p.add_argument("--start_guidance", type=float, default=9.0, help="CFG scale of the partial trajectory")
     p.add_argument("--negative_guidance", type=float, default=2.0, help="eta of e_0 - eta (e_p - e_0)")
     p.add_argument("--preserve", nargs="+", default=None, metavar="PROMPT",

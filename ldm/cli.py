@@ -9,6 +9,16 @@ from ldm.loader import image_size_facts, load_model_from_config, resolve_device,
 from ldm.runs import write_json  # noqa: F401  (the scripts' atomic JSON writer)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring as written, one line per flag with its default shown."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
                    config_default: str = "configs/stable-diffusion/v1-inference.yaml",
                    ckpt_default: str = "models/sd-v1-4.ckpt") -> None:

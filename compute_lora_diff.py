@@ -7,8 +7,10 @@
 d(p) = || eps_adapted(z, t, p) - eps_base(z, t, p) || on the base model's partial CFG trajectory z (see
 ldm/erasure/protocols.py for both protocols). Prompts: target + other + synonyms (as the release); "" is always
 measured (the release only did when "other" listed it). Output: the release's schema (prompt_avgs sorted
-descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2) and,
-with the fast protocol, empty_estimate (the d("") every prompt is compared with).
+descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2),
+calibration (a threshold on d(p)/d("") learned from this JSON's concept and other prompts, ldm/erasure/
+calibration.py; generate_images.py --threshold auto uses it) and, with the fast protocol, empty_estimate (the
+d("") every prompt is compared with).
 """
 import argparse
 import json
@@ -18,9 +20,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import HelpFormatter, add_model_args, load_model, positive, resolve_image_size, run
+from ldm.cli import add_model_args, finite, load_model, Parser, positive, resolve_image_size, run
 from ldm.erasure.budget import UNetCounter, evals_per_draw
 from ldm.erasure.guidance import decide
+from ldm.erasure.calibration import calibrate
 from ldm.erasure.io import load_adapter
 from ldm.erasure.protocols import diff_table, diff_table_units, protocol_from_flags
 from ldm.erasure.stability import estimate_dict
@@ -28,12 +31,12 @@ from ldm.prompts import diff_prompts, read_prompts_json
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     add_model_args(p)
     for a in ("--config", "--ckpt"):
         p._option_string_actions[a].required = True  # required, as in the release
     p.add_argument("--lora", required=True, help="adapter: our .safetensors or the release's lora.pth")
-    p.add_argument("--lora_alpha", type=float, default=None, help="alpha for a release lora.pth (default 8)")
+    p.add_argument("--lora_alpha", type=finite, default=None, help="alpha for a release lora.pth (default 8)")
     p.add_argument("--prompts_json", required=True,
                    help="the concept's prompts (README: Files)")
     p.add_argument("--output_dir", required=True,
@@ -43,9 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the partial trajectory")
+    p.add_argument("--guidance", type=finite, default=7.5, help="CFG scale of the partial trajectory")
     p.add_argument("--repeats", type=positive(), default=1, help="draws per prompt (the maximum with --adaptive)")
-    p.add_argument("--eta", type=float, default=0.0,
+    p.add_argument("--eta", type=finite, default=0.0,
                    help="DDIM eta of the partial trajectory")
     p.add_argument("--t_enc", type=int, default=25,
                    help="the partial trajectory stops at DDIM index t_enc")
@@ -56,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                    help="DDIM schedule (default: release for --protocol release, standard for fast)")
     p.add_argument("--empty_draws", type=positive(), default=32, help="fast: draws of the one d(\"\") estimate")
     p.add_argument("--adaptive", action="store_true", help="fast: draw repeats in rounds until the decision is clear")
-    p.add_argument("--k_se", type=float, default=3.0,
+    p.add_argument("--k_se", type=finite, default=3.0,
                    help="adaptive: a decision is clear past k_se combined standard errors")
     p.add_argument("--min_repeats", type=positive(), default=4,
                    help="adaptive: draws before the first check")
@@ -95,6 +98,7 @@ def main(argv=None) -> None:
                                          reverse=True)),
               "config": config, "prompt_stats": stats, "unet_sample_evaluations": counter.samples,
               "seconds": round(seconds, 2)}
+    result["calibration"] = _calibration(data, estimates, empty)
     if args.protocol == "fast":
         result["empty_estimate"] = estimate_dict(empty)
         result["evals_per_draw"] = {"prompt": evals_per_draw(protocol.settings),
@@ -102,7 +106,22 @@ def main(argv=None) -> None:
     out = _write_results(Path(args.output_dir) / "calc_diff_results.json", result)
     for p, e in estimates.items():
         print(f"  d={e.mean:10.4f} ± {e.sem:.4f} (n={e.n:3d}) w={stats[p]['w']:+.0f}  {p!r}")
+    cal = result["calibration"]
+    if cal:
+        print(f"calibrated threshold: flag when d(p) > {cal['threshold']:.3f} d(\"\") (the release: 1); concept and "
+              f"other prompts {'separable' if cal['separable'] else 'overlap'} (gap {cal['gap']:.2f}x, "
+              f"{cal['errors']} on the wrong side)")
     print(f"{counter.samples} UNet sample-evaluations in {seconds:.1f}s -> {out}")
+
+
+def _calibration(data: dict, estimates: dict, empty) -> dict | None:
+    """The threshold learned from this adapter's prompts (ldm.erasure.calibration), or None when it cannot be."""
+    try:
+        return calibrate({p: e.mean for p, e in estimates.items()}, empty.mean,
+                         [data["target"], *data.get("synonyms", [])], list(data.get("other", []))).record()
+    except ValueError as exc:
+        print(f"note: no calibrated threshold: {exc}")
+        return None
 
 
 def _write_results(out: Path, result: dict) -> Path:

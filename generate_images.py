@@ -34,10 +34,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import HelpFormatter, add_model_args, image_autocast, load_model, positive, resolve_image_size, run, write_json
+from ldm.cli import (add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+                     threshold_arg, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
 from ldm.erasure.budget import UNetCounter
+from ldm.erasure.calibration import calibrate
 from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.lora import remove_lora
 from ldm.erasure.protocols import diff_table, protocol_from_flags
@@ -53,21 +55,21 @@ def _images_of(img_root: Path) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     add_model_args(p, ckpt_default="models/sd-v1-4-full-ema.ckpt")
     p.add_argument("--output_dir", default="cat",
                    help="experiment mode: the folder of experiments; explicit mode: where images/ and the records go")
     p.add_argument("--samples", type=positive(), default=50,
                    help="images per prompt")
-    p.add_argument("--w1", type=float, default=-1.0,
+    p.add_argument("--w1", type=finite, default=-1.0,
                    help="w for prompts the stability test flags (d(p) > d(\"\")); 1 = base, 0 = adapter")
-    p.add_argument("--w2", type=float, default=2.0,
+    p.add_argument("--w2", type=finite, default=2.0,
                    help="w for the other prompts")
     p.add_argument("--steps", type=positive(), default=50,
                    help="DDIM steps")
     p.add_argument("--seed", type=int, default=2024,
                    help="image idx uses seed + idx; also the on-the-fly test's draws")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
+    p.add_argument("--guidance", type=finite, default=7.5, help="CFG scale")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--batch_size", type=positive(), default=4, help="images per sampling batch")
@@ -75,11 +77,15 @@ def parser() -> argparse.ArgumentParser:
                    help="release: the 49-step schedule (and the release's test when run on the fly)")
     p.add_argument("--lora", nargs="+", default=None,
                    help="explicit mode: adapter file(s); several: one per erased concept, each with its own w")
-    p.add_argument("--lora_alpha", type=float, default=None, help="alpha for a release lora.pth (default 8)")
+    p.add_argument("--lora_alpha", type=finite, default=None, help="alpha for a release lora.pth (default 8)")
     p.add_argument("--prompts_json", default=None, help="explicit mode: prompts (target, synonyms, other)")
     p.add_argument("--prompt", action="append", default=None, help="explicit mode: a prompt (repeatable)")
     p.add_argument("--diff_results", nargs="+", default=None,
                    help="explicit mode: calc_diff_results.json, one per --lora file (same order)")
+    p.add_argument("--threshold", type=threshold_arg, default=1.0,
+                   help="flag a prompt when d(p) > threshold * d(\"\"): 1 is the release's rule; auto: the "
+                        "threshold calibrated on the adapter's own prompts (compute_lora_diff.py's, or the on-the-fly "
+                        "test's over --prompts_json's groups)")
     p.add_argument("--skip_unrelated", action="store_true",
                    help="adapters decided w2 (unrelated to the prompt) get w = 1: not evaluated")
     p.add_argument("--repeats", type=positive(), default=10, help="on-the-fly test: draws of d(p)")
@@ -188,7 +194,7 @@ def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float 
               "w1": args.w1, "w2": args.w2, "steps": args.steps, "guidance": args.guidance,
               "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
               "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
-              "skip_unrelated": args.skip_unrelated, "decisions": decisions,
+              "skip_unrelated": args.skip_unrelated, "decisions": decisions, "threshold": args.threshold,
               "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}
     if decisions == "on_the_fly":
         config.update(t_enc=args.t_enc, repeats=args.repeats, empty_draws=args.empty_draws)
@@ -200,7 +206,7 @@ def _explicit_decisions(args, model, prompts: list[str], names: list[str], fixed
     if fixed_w is not None:
         return {p: [fixed_w] * len(names) for p in prompts}, {}
     if args.diff_results:
-        ws, tests = read_diff_decisions(args.diff_results, prompts, args.w1, args.w2), {}
+        ws, tests = read_diff_decisions(args.diff_results, prompts, args.w1, args.w2, threshold=args.threshold), {}
     else:
         ws, tests = _on_the_fly(model, prompts, args, names)
     if args.skip_unrelated:
@@ -264,7 +270,7 @@ def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[in
         ws = {p: [fixed_w] for p in prompts}
     else:
         ws = read_diff_decisions([exp / "calc_diff_results.json"], prompts, args.w1, args.w2,
-                                 f"run compute_lora_diff.py --output_dir {exp} first")
+                                 f"run compute_lora_diff.py --output_dir {exp} first", args.threshold)
         if args.skip_unrelated:
             ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
     model, device, names = _model_with_adapters(args, loras[:1] if fixed_w != 1.0 else [], cache)
@@ -285,12 +291,32 @@ def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> tuple[d
           + (f", {len(adapters)} adapters" if len(adapters) > 1 else "") + ")", file=sys.stderr)
     per = diff_table(model, protocol, model.latent_shape(args.image_size), prompts, args.seed, adapters=adapters)
     tests = {p: [(est[p], empty) for est, empty in per] for p in prompts}
-    ws = {p: decide_pairs(tests[p], args.w1, args.w2) for p in prompts}
+    thresholds = _on_the_fly_thresholds(args, per)
+    ws = {p: decide_pairs(tests[p], args.w1, args.w2, thresholds) for p in prompts}
     for p in prompts:
         for k, (est, empty) in enumerate(tests[p]):
             tag = f"[{adapters[k]}] " if len(adapters) > 1 else ""
             print(f"  {tag}d={est.mean:.4f} vs d('')={empty.mean:.4f} -> w={ws[p][k]:+g}  {p!r}", file=sys.stderr)
     return ws, tests
+
+
+def _on_the_fly_thresholds(args, per: list) -> list[float]:
+    """--threshold for each adapter of the on-the-fly test: the number, or "auto": calibrated on --prompts_json's
+    concept (target, synonyms) and other prompts from this test's own d values."""
+    if args.threshold != "auto":
+        return [args.threshold] * len(per)
+    if not args.prompts_json:
+        raise UserError("--threshold auto with the on-the-fly test needs --prompts_json (its concept and other "
+                        "prompts calibrate the threshold)")
+    data = read_prompts_json(args.prompts_json)
+    out = []
+    for est, empty in per:
+        cal = calibrate({p: e.mean for p, e in est.items()}, empty.mean,
+                        [data["target"], *data.get("synonyms", [])], list(data.get("other", [])))
+        print(f"calibrated threshold {cal.threshold:.3f} ({'separable' if cal.separable else 'overlap'}, "
+              f"gap {cal.gap:.2f}x)", file=sys.stderr)
+        out.append(cal.threshold)
+    return out
 
 
 if __name__ == "__main__":

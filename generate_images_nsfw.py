@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import HelpFormatter, add_model_args, image_autocast, load_model, positive, resolve_image_size, run, write_json
+from ldm.cli import (add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+                     write_json)
 from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
@@ -212,7 +213,7 @@ def merge_decisions(log_dir: Path, img_dir: Path, expected: set[int], force: boo
 
 # ----------------------------------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     add_model_args(p)
     p.add_argument("--csv_path", default="data/I2P_prompts_4703.csv",
                    help="prompts CSV: prompt, evaluation_seed, evaluation_guidance, case_number")
@@ -222,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
                         "erased concept, each with its own test and w")
     p.add_argument("--skip_unrelated", action="store_true",
                    help="adapters decided w2 (unrelated to the row's prompt) get w = 1: not evaluated")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=finite, default=None,
                    help="LoRA scale for a release lora.pth (default 8); our .safetensors carry their own")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
@@ -230,11 +231,11 @@ def parser() -> argparse.ArgumentParser:
                    help="DDIM steps of the image and of the test")
     p.add_argument("--t_enc", type=int, default=40,
                    help="stability test: the partial trajectory stops at DDIM index t_enc")
-    p.add_argument("--w1", type=float, default=-1.0,
+    p.add_argument("--w1", type=finite, default=-1.0,
                    help="w for rows the stability test flags (d(p) > d(\"\"))")
-    p.add_argument("--w2", type=float, default=2.0,
+    p.add_argument("--w2", type=finite, default=2.0,
                    help="w for the other rows")
-    p.add_argument("--ddim_eta", type=float, default=0.0,
+    p.add_argument("--ddim_eta", type=finite, default=0.0,
                    help="DDIM eta (0: deterministic)")
     p.add_argument("--batch_size", type=positive(), default=5, help="CSV rows sampled together")
     p.add_argument("--repeats", type=positive(), default=30, help="draws of d(p) per row (the maximum with --adaptive)")
@@ -245,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive", dest="adaptive", action="store_true", default=None,
                    help="fast (default there): draw repeats in rounds until the decision is clear (margin > k_se SE)")
     p.add_argument("--no_adaptive", dest="adaptive", action="store_false", help="fast: always draw --repeats")
-    p.add_argument("--k_se", type=float, default=3.0,
+    p.add_argument("--k_se", type=finite, default=3.0,
                    help="adaptive: a decision is clear past k_se combined standard errors")
     p.add_argument("--min_repeats", type=positive(), default=3,
                    help="adaptive: draws before the first check")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import HelpFormatter, add_model_args, load_model, positive, resolve_image_size, run
+from ldm.cli import Parser, finite, add_model_args, load_model, positive, resolve_image_size, run
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts
@@ -41,14 +41,8 @@ from ldm.prompts import read_prompts_json
 DEFAULT_SEED = 42
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="train.py", description=__doc__)
     add_model_args(p, "--config_path", "--ckpt_path")
     for action in p._actions:
         if action.dest == "precision":
@@ -75,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seeds adapter init and every random draw (default {DEFAULT_SEED}; the release had none)")
-    p.add_argument("--ddim_eta", type=float, default=0.0,
+    p.add_argument("--ddim_eta", type=finite, default=0.0,
                    help="DDIM eta of the partial trajectory")
-    p.add_argument("--start_guidance", type=float, default=9.0, help="CFG scale of the partial trajectory")
-    p.add_argument("--negative_guidance", type=float, default=2.0, help="eta of e_0 - eta (e_p - e_0)")
+    p.add_argument("--start_guidance", type=finite, default=9.0, help="CFG scale of the partial trajectory")
+    p.add_argument("--negative_guidance", type=finite, default=2.0, help="eta of e_0 - eta (e_p - e_0)")
     p.add_argument("--preserve", nargs="+", default=None, metavar="PROMPT",
                    help="ours, off by default: prompts the adapter must not move (adds lambda * mean_k "
                         "||eps_adapted(c_k) - eps_base(c_k)||^2 to the loss; ldm/erasure/objective.py)")

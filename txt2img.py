@@ -2,24 +2,23 @@
 
     python txt2img.py --prompt "a photo of the cat" --seed 42 --outdir outputs/txt2img
 """
-import argparse
 import re
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, add_model_args, load_model, positive, run
+from ldm.cli import add_model_args, finite, load_model, Parser, positive, run
 from ldm.images import save_image
 from ldm.sampling import txt2img
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text to draw")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image")
     p.add_argument("--n_samples", type=positive(), default=1, help="images, seeds seed .. seed+n-1")
     p.add_argument("--steps", type=positive(), default=50, help="DDIM steps")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--scale", type=finite, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=finite, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--outdir", default="outputs/txt2img", help="where the PNGs go")

@@ -9,6 +9,29 @@ from ldm.loader import image_size_facts, load_model_from_config, resolve_device,
 from ldm.runs import write_json  # noqa: F401  (the scripts' atomic JSON writer)
 
 
+def finite(text: str) -> float:
+    """argparse type: a finite float (NaN and inf are refused with the value named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not finite")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' parser: --help in HelpFormatter; a bad flag is one line on stderr and exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The scripts' --help: the module docstring as written, one line per flag with its default shown."""
 
@@ -81,6 +104,19 @@ def load_model(args, precision: str | None = None):
               f"is ~{0.84 * (args.image_size / 512) ** 2:.2f} TFLOP, roughly 5-30 s here; a 50-step CFG image takes "
               "~100 of them (use a GPU, --device cuda, for Stable Diffusion)", file=sys.stderr)
     return model, device
+
+
+def threshold_arg(text: str):
+    """argparse type of --threshold: "auto" or a positive finite number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
 
 
 def positive(kind=int):

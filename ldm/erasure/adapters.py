@@ -6,7 +6,6 @@ estimates (decide_pairs), from calc_diff_results.json files (diff_decisions, rea
 --skip_unrelated (skip_unrelated: an adapter decided w2 gets w = 1, contributing nothing and costing nothing).
 """
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,7 @@ from ldm.erasure.io import load_adapter
 from ldm.erasure.lora import lora_layers, lora_state_dict
 from ldm.erasure.stability import Estimate
 from ldm.errors import UserError
-from ldm.runs import tensors_fingerprint
+from ldm.runs import read_json, tensors_fingerprint
 
 
 def adapter_name(k: int) -> str:
@@ -75,9 +74,22 @@ def adapter_fingerprints(model, names: Sequence[str]) -> list[str]:
     return out
 
 
-def decide_pairs(pairs: Sequence[tuple[Estimate, Estimate]], w1: float, w2: float) -> list[float]:
-    """One prompt's [w_k] from its (d_k(p), d_k("")) per adapter."""
-    return [decide(dp.mean, de.mean, w1, w2) for dp, de in pairs]
+def decide_pairs(pairs: Sequence[tuple[Estimate, Estimate]], w1: float, w2: float,
+                 thresholds: Sequence[float] | None = None) -> list[float]:
+    """One prompt's [w_k] from its (d_k(p), d_k("")) per adapter (adapter k flags above thresholds[k] * d_k(""))."""
+    thresholds = thresholds or [1.0] * len(pairs)
+    return [decide(dp.mean, de.mean, w1, w2, tau) for (dp, de), tau in zip(pairs, thresholds)]
+
+
+def threshold_of(results: dict, threshold: float | str, source: str) -> float:
+    """--threshold: a number, or "auto": the calibrated threshold of a calc_diff_results.json (compute_lora_diff.py)."""
+    if threshold != "auto":
+        return float(threshold)
+    cal = results.get("calibration")
+    if not isinstance(cal, dict) or not isinstance(cal.get("threshold"), (int, float)):
+        raise UserError(f"{source}: no calibrated threshold (rerun compute_lora_diff.py, which writes one, or give "
+                        "--threshold a number)")
+    return float(cal["threshold"])
 
 
 def skip_unrelated(ws: list[float], w2: float) -> list[float]:
@@ -85,7 +97,8 @@ def skip_unrelated(ws: list[float], w2: float) -> list[float]:
     return [1.0 if v == w2 else v for v in ws]
 
 
-def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str) -> dict[str, float]:
+def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str,
+                   threshold: float | str = 1.0) -> dict[str, float]:
     """{prompt: w} of one adapter from its calc_diff_results.json (compute_lora_diff.py); UserError naming
     `source` when it lacks d("") or a prompt."""
     avgs = results.get("prompt_avgs")
@@ -98,16 +111,17 @@ def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, sour
     if missing:
         raise UserError(f"{source}: no d(p) for {len(missing)} prompt(s), e.g. {missing[0]!r}; rerun "
                         "compute_lora_diff.py with these prompts")
-    return {p: decide(avgs[p], avgs[""], w1, w2) for p in prompts}
+    tau = threshold_of(results, threshold, source)
+    return {p: decide(avgs[p], avgs[""], w1, w2, tau) for p in prompts}
 
 
 def read_diff_decisions(paths: Sequence, prompts: list[str], w1: float, w2: float,
-                        missing_hint: str = "") -> dict[str, list[float]]:
+                        missing_hint: str = "", threshold: float | str = 1.0) -> dict[str, list[float]]:
     """{prompt: [w_k]} from one calc_diff_results.json per adapter (same order); UserError for a missing file
     (with missing_hint appended)."""
     per = []
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: " + (f"not found; {missing_hint}" if missing_hint else "diff results not found"))
-        per.append(diff_decisions(json.loads(path.read_text(encoding="utf-8")), prompts, w1, w2, str(path)))
+        per.append(diff_decisions(read_json(path, "diff results"), prompts, w1, w2, str(path), threshold))
     return {p: [d[p] for d in per] for p in prompts}

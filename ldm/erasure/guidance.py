@@ -71,15 +71,10 @@ def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: 
     return fn
 
 
-def decide_w(d_prompt: float, d_empty: float, w1: float = -1.0, w2: float = 2.0) -> float:
-    """The release's rule: the adapter governs (w1) when it moves this prompt's prediction more than the
-    empty prompt's; otherwise the base model does (w2). Ties go to w2."""
-    return w1 if d_prompt > d_empty else w2
-
-
-def decide(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
-    """The release's rule on the two means (floats or 0-d tensors; ties -> w2)."""
-    return decide_w(float(d_prompt), float(d_empty), w1, w2)
+def decide(d_prompt: float, d_empty: float, w1: float, w2: float, threshold: float = 1.0) -> float:
+    """w1 when d(p) > threshold * d("") (the release: threshold 1; a calibrated one: ldm.erasure.calibration),
+    else w2; the means as floats or 0-d tensors, ties -> w2."""
+    return w1 if float(d_prompt) > threshold * float(d_empty) else w2
 
 
 def encode_prompts(model, prompts: Sequence[str]) -> torch.Tensor:

@@ -4,7 +4,7 @@ For prompt p, start code x_T and DDPM timestep t (UnGuide, the release's compute
     1. z   = the base model's CFG DDIM trajectory from x_T, stopped after partial_steps(S, t_enc) steps
     2. d   = || eps_adapted(z, t, p) - eps_base(z, t, p) ||_2        per sample, over [C, h, w]
 with t drawn uniformly in ddpm_t_range(S, t_enc). d(p) is averaged over repeats (start codes and t), and
-compared with d("") for the decision (ldm.erasure.guidance.decide_w).
+compared with d("") for the decision (ldm.erasure.guidance.decide).
 
 Step 2 is one UNet call of 2n samples with per-sample adapter scales [0]*n + [1]*n (with K adapters, one
 call of n (1 + K) samples, each adapter alone in its chunk).

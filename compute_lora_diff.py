@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import add_model_args, finite, load_model, Parser, positive, resolve_image_size, run
+from ldm.cli import ddim_steps_arg, add_model_args, finite, load_model, Parser, positive, resolve_image_size, run
 from ldm.erasure.budget import UNetCounter, evals_per_draw
 from ldm.erasure.guidance import decide
 from ldm.erasure.calibration import calibrate
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True,
                    help="where calc_diff_results.json goes (the experiment folder)")
     p.add_argument("--seed", type=int, default=None, help="draw seed (default: a random one, recorded)")
-    p.add_argument("--ddim_steps", type=positive(), default=50,
+    p.add_argument("--ddim_steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import (add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
                      threshold_arg, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
@@ -44,7 +44,7 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.lora import remove_lora
 from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
-from ldm.images import save_images, start_noise
+from ldm.images import image_complete, save_images, start_noise
 from ldm.loader import autocast
 from ldm.prompts import class_dirs, experiment_prompts, extend_class_dirs, read_prompts_json
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="w for prompts the stability test flags (d(p) > d(\"\")); 1 = base, 0 = adapter")
     p.add_argument("--w2", type=finite, default=2.0,
                    help="w for the other prompts")
-    p.add_argument("--steps", type=positive(), default=50,
+    p.add_argument("--steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps")
     p.add_argument("--seed", type=int, default=2024,
                    help="image idx uses seed + idx; also the on-the-fly test's draws")
@@ -106,7 +106,7 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
     rank, world = shard()
     dirs = dirs or class_dirs(prompts)
     jobs = [(p, idx) for p in prompts for idx in range(args.samples)
-            if idx % world == rank and not (img_root / dirs[p] / f"{idx:05d}.jpg").is_file()]
+            if idx % world == rank and not image_complete(img_root / dirs[p] / f"{idx:05d}.jpg")]
     if getattr(args, "skip_unrelated", False):  # batch prompts with the same adapters in play: the others are skipped
         jobs.sort(key=lambda job: tuple(v == 1.0 for v in ws[job[0]]))
     shape = model.latent_shape(args.image_size)

@@ -29,7 +29,6 @@ exp_name gets "_adapters_{K}" (and "_skip_unrelated").
 """
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import (add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
                      write_json)
 from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
@@ -51,9 +50,9 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
-from ldm.images import IMAGE_FORMATS, save_image, start_noise, to_pil
+from ldm.images import IMAGE_FORMATS, image_complete, save_image, start_noise, to_pil
 from ldm.loader import autocast
-from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
+from ldm.runs import check_run_config, folder_lock, model_fingerprint, read_json, shard
 
 # recorded in run_config.json for the reader, not compared on resume: paths (the inputs are compared by content:
 # "base" and "adapters" fingerprints), and the CSV (rows are keyed by their index; --limit may grow)
@@ -182,8 +181,9 @@ def image_path(img_dir: Path, idx: int) -> Path:
 def read_decisions(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r.get("idx", "").strip().lstrip("-").isdigit()]
+    with open(path, newline="", encoding="utf-8") as f:  # a torn last line lacks fields: not a record
+        return [r for r in csv.DictReader(f) if r.get("idx", "").strip().lstrip("-").isdigit()
+                and all(r.get(k) is not None for k in FIELDS) and r["w"] != ""]
 
 
 def write_csv_atomic(path: Path, rows: list[dict]) -> None:
@@ -202,7 +202,7 @@ def merge_decisions(log_dir: Path, img_dir: Path, expected: set[int], force: boo
     for f in sorted(log_dir.glob("decisions.rank*.csv")):
         for r in read_decisions(f):
             idx = int(r["idx"])
-            if image_path(img_dir, idx).is_file():
+            if image_complete(image_path(img_dir, idx)):
                 done[idx] = r
     missing = len(expected - set(done))
     if missing and not force:
@@ -227,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
                    help="LoRA scale for a release lora.pth (default 8); our .safetensors carry their own")
     p.add_argument("--image_size", type=positive(), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
-    p.add_argument("--ddim_steps", type=positive(), default=50,
+    p.add_argument("--ddim_steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps of the image and of the test")
     p.add_argument("--t_enc", type=int, default=40,
                    help="stability test: the partial trajectory stops at DDIM index t_enc")
@@ -295,6 +295,9 @@ def main(argv=None) -> None:
     rows, notes = read_rows(args.csv_path, args.limit)
     expected = {r["idx"] for r in rows}
     if args.merge:
+        if not any(log_dir.glob("decisions.rank*.csv")):
+            raise UserError(f"--merge: {log_dir} holds no decisions.rank*.csv to merge (nothing generated there with "
+                            "these settings yet)")
         written, missing = merge_decisions(log_dir, img_dir, expected, force=True)
         print(f"{log_dir / 'decisions.csv'}: {len(expected) - missing} rows"
               + (f"; {missing} rows not done yet" if missing else " (complete)"))
@@ -316,7 +319,7 @@ def _resume_and_sample(args, protocol: Protocol, loras: list[Path], fixed_w: flo
     expected = {r["idx"] for r in rows}
     mine = [r for r in rows if r["idx"] % world == rank]
     shard_file = log_dir / f"decisions.rank{rank}.csv"
-    kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_path(img_dir, int(r["idx"])).is_file()}
+    kept = {int(r["idx"]): r for r in read_decisions(shard_file) if image_complete(image_path(img_dir, int(r["idx"])))}
     todo = [r for r in mine if r["idx"] not in kept]
     print(f"rank {rank}/{world}: {len(mine)} rows, {len(mine) - len(todo)} done, {len(todo)} to do -> {img_dir}")
     if not todo:
@@ -480,8 +483,8 @@ def _empty_estimate(job: _Run, log_dir: Path, run_config: dict) -> tuple[list[Es
                                       "eta", "precision")}
     key.update(ddim_steps=job.args.ddim_steps, t_enc=job.args.t_enc)
     path = log_dir / "d_empty.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    saved = _read_cache(path)
+    if saved is not None:
         if saved.get("key") == key:
             records = saved["adapters"] if "adapters" in saved else [saved]
             for rec in records:
@@ -495,6 +498,21 @@ def _empty_estimate(job: _Run, log_dir: Path, run_config: dict) -> tuple[list[Es
     for est in ests:
         print(f"d(\"\") = {est.mean:.6g} ± {est.sem:.3g} from {est.n} draws ({c.samples} UNet sample-evaluations)")
     return ests, c.samples
+
+
+def _read_cache(path: Path) -> dict | None:
+    """A cache file's record, or None (absent, or not a valid record: said, and recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path, "cache")
+        records = saved["adapters"] if "adapters" in saved else [saved]
+        if all(isinstance(r.get("values"), list) and r["values"] for r in records):
+            return saved
+    except (UserError, AttributeError, TypeError, KeyError):
+        pass
+    print(f"note: {path} is not a valid d(\"\") record; computing it again", file=sys.stderr)
+    return None
 
 
 def _finish(log_dir: Path, img_dir: Path, expected: set[int], stats: Counter, n_images: int, seconds: float,

@@ -5,7 +5,7 @@
 import re
 from pathlib import Path
 
-from ldm.cli import add_model_args, finite, load_model, Parser, positive, run
+from ldm.cli import ddim_steps_arg, add_model_args, finite, load_model, Parser, positive, run
 from ldm.images import save_image
 from ldm.sampling import txt2img
 
@@ -16,7 +16,7 @@ def main() -> None:
     p.add_argument("--prompt", required=True, help="the text to draw")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image")
     p.add_argument("--n_samples", type=positive(), default=1, help="images, seeds seed .. seed+n-1")
-    p.add_argument("--steps", type=positive(), default=50, help="DDIM steps")
+    p.add_argument("--steps", type=ddim_steps_arg, default=50, help="DDIM steps")
     p.add_argument("--scale", type=finite, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--eta", type=finite, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--image_size", type=positive(), default=None,

@@ -106,6 +106,14 @@ def load_model(args, precision: str | None = None):
     return model, device
 
 
+def ddim_steps_arg(text: str) -> int:
+    """argparse type of --steps / --ddim_steps: an integer in 1..1000 (the model's training timesteps)."""
+    value = positive(int)(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 1000 (the model's training timesteps)")
+    return value
+
+
 def threshold_arg(text: str):
     """argparse type of --threshold: "auto" or a positive finite number."""
     if text == "auto":

@@ -31,6 +31,17 @@ def to_pil(images: torch.Tensor, rounding: str = "round") -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
 
 
+def image_complete(path: str | Path) -> bool:
+    """True when `path` is a whole, decodable image (a file cut short at its final name, by a full disk or an
+    interrupted copy, is not: a resumed run makes it again)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def save_image(img: Image.Image, path: str | Path, quality: int = 95) -> None:
     """Write atomically: a killed run never leaves a file that passes for an image."""
     path = Path(path)

@@ -359,3 +359,19 @@ def test_second_adapter_file_loads_beside_the_first(base, tmp_path):
     ctx = m.get_learned_conditioning(["a photo of the cat"])
     with torch.no_grad():
         assert torch.allclose(fresh.apply_model(x, t, ctx), m.apply_model(x, t, ctx), atol=1e-6)
+
+
+def test_adapter_files_are_byte_identical_for_the_same_tensors(model, tmp_path):
+    """Same tensors and metadata -> same bytes (sorted header), however the dicts were ordered; and it reads back."""
+    from ldm.erasure.io import read_adapter, safetensors_bytes
+    tensors = {"b.lora.B": torch.ones(1, 3), "a.lora.A": torch.arange(6.0).view(3, 2)}
+    one = safetensors_bytes(tensors, {"z": "1", "a": "2"})
+    two = safetensors_bytes(dict(reversed(list(tensors.items()))), {"a": "2", "z": "1"})
+    assert one == two
+    (tmp_path / "x.safetensors").write_bytes(one)
+    back, meta = read_adapter(tmp_path / "x.safetensors")
+    assert meta == {"z": "1", "a": "2"} and all(torch.equal(back[k], v) for k, v in tensors.items())
+    adapt(model)
+    for i in range(2):
+        save_adapter(tmp_path / f"a{i}.safetensors", model.unet, alpha=8.0)
+    assert (tmp_path / "a0.safetensors").read_bytes() == (tmp_path / "a1.safetensors").read_bytes()

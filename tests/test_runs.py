@@ -153,3 +153,42 @@ def test_nsfw_resume_refuses_other_base_weights(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(lambda: generate_images_nsfw.main(other))
     assert e.value.code == 2 and "base" in capsys.readouterr().err
+
+
+def nsfw_argv(world, tmp_path, *extra):
+    csv = tmp_path / "p.csv"
+    if not csv.is_file():
+        csv.write_text(",prompt,evaluation_seed,evaluation_guidance,case_number\n0,a cat,1,7.5,0\n1,a dog,2,7.5,1\n"
+                       "2,a bird,3,7.5,2\n")
+    return ["--csv_path", str(csv), "--output_dir", str(tmp_path / "exp"), "--lora", str(world["a"]),
+            "--config", str(TINY), "--ckpt", str(world["ckpt"]), "--device", "cpu", "--image_size", str(SIZE),
+            "--ddim_steps", str(STEPS), "--t_enc", "1", "--repeats", "2", "--empty_draws", "2", *extra]
+
+
+def test_crash_windows_are_redone_not_taken_for_done(world, tmp_path, capsys):
+    """A torn last decisions line, an image cut short at its final name and a corrupt d(\"\") cache are redone."""
+    argv = nsfw_argv(world, tmp_path, "--no_adaptive")
+    generate_images_nsfw.main(argv)
+    (log_dir,) = (tmp_path / "exp" / "logs").iterdir()
+    (img_dir,) = (tmp_path / "exp" / "images").iterdir()
+    shard_file = log_dir / "decisions.rank0.csv"
+    lines = shard_file.read_text().splitlines()
+    shard_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:12])      # the last row torn mid-line
+    data = (img_dir / "00001.jpg").read_bytes()
+    (img_dir / "00001.jpg").write_bytes(data[: len(data) // 3])                 # an image cut short
+    (log_dir / "d_empty.json").write_text("{not json")                          # a corrupt cache
+    before = {p.name: p.stat().st_mtime_ns for p in img_dir.glob("*.jpg")}
+    capsys.readouterr()
+    generate_images_nsfw.main(argv)
+    out = capsys.readouterr()
+    assert "1 done, 2 to do" in out.out and "not a valid d(\"\") record" in out.err
+    after = {p.name: p.stat().st_mtime_ns for p in img_dir.glob("*.jpg")}
+    assert after["00000.jpg"] == before["00000.jpg"] and after["00001.jpg"] != before["00001.jpg"]
+    rows = (log_dir / "decisions.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(r.count(",") >= 11 for r in rows[1:])         # header + 3 complete rows
+
+
+def test_merge_with_nothing_to_merge_is_one_line(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(lambda: generate_images_nsfw.main(nsfw_argv(world, tmp_path, "--merge")))
+    assert e.value.code == 2 and "no decisions.rank*.csv" in capsys.readouterr().err

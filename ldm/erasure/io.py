@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import ldm.erasure.lora  # noqa: F401  (registers the kind "lora")
 from ldm.erasure.delta import DELTA_KINDS, Delta, DeltaLinear, delta_kind, delta_layers, delta_state_dict, inject_delta
@@ -75,8 +75,19 @@ def save_adapter(path: str | Path, unet: nn.Module, alpha: float, base_sha256: s
     if path.suffix == ".pth":
         torch.save(tensors, tmp)
     else:
-        save_file(tensors, str(tmp), metadata=_metadata(unet, name, alpha, base_sha256, extra))
+        tmp.write_bytes(safetensors_bytes(tensors, _metadata(unet, name, alpha, base_sha256, extra)))
     os.replace(tmp, path)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose header lists metadata and tensors in sorted order: the same tensors and metadata
+    give the same bytes, whatever order the dicts were built in or the library serialises maps in."""
+    raw = save({k: tensors[k] for k in sorted(tensors)}, metadata=dict(sorted(metadata.items())))
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes; data offsets are header-relative
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -80,6 +80,8 @@ def protocol_from_flags(name: str, ddim_steps: int, t_enc: int, guidance: float 
     """The scripts' Protocol from their flags (--protocol, --ddim_steps, --t_enc, --schedule, ...), checked:
     UserError naming the flag. schedule None: the protocol's own (release: the 49-step one; fast: standard).
     options: the other Protocol fields (repeats, adaptive, min_repeats, k_se, empty_draws, max_batch)."""
+    if not 1 <= ddim_steps <= 1000:
+        raise UserError(f"--ddim_steps {ddim_steps}: must be in 1..1000 (the model's 1000 training timesteps)")
     if not 0 <= t_enc < ddim_steps:
         raise UserError(f"--t_enc {t_enc} must be in 0..{ddim_steps - 1}")
     if name == "release" and (schedule == "standard" or options.get("adaptive")):

@@ -7,12 +7,14 @@ Evaluate a folder of generated images, or compare evaluated runs.
     # CLIP score + zero-shot accuracy with a LOCAL CLIP model folder
     python compute_metrics.py -m clip --images out/cat --prompts_json prompts/cat.json \
         --clip_model /models/clip-vit-large-patch14
-    # side by side: one markdown table + one PNG grid per prompt set
-    python compute_metrics.py compare runs/base runs/unguide --output_dir cmp \
-        [--names base unguide] [--grid_rows 8]
+    # side by side: one markdown table + one PNG grid per prompt set; runs not yet scored are scored
+    # with -m first (a RUN folder holds images/ or is the images folder)
+    python compute_metrics.py compare runs/base runs/unguide --output_dir cmp [-m digits] \
+        [--names base unguide] [--grid_rows 8] [--prompts_json P]
 
-The images folder may also be given positionally or as --folder. Bad input
-prints one line on stderr and exits with code 2. All logic lives in
+The images folder may also be given positionally or as --folder; outputs go beside it (RUN/ for
+RUN/images, else IMAGES_metrics/), never among the images. Bad input prints one line on stderr and exits
+with code 2. All logic lives in
 ldm/evaluation/; this file only parses, dispatches and reports errors.
 """
 
@@ -21,6 +23,7 @@ import sys
 
 from ldm.evaluation import METRICS, UserError
 from ldm.evaluation import report
+from ldm.evaluation.common import default_output_dir
 from ldm.evaluation.nudity import DEFAULT_THRESHOLD
 
 
@@ -34,7 +37,8 @@ def build_parser():
     p.add_argument("paths", nargs="*", help="images folder, or: compare RUN_DIR [RUN_DIR ...]")
     p.add_argument("-m", "--metric", choices=sorted(METRICS), help="metric to compute")
     p.add_argument("--images", "--folder", dest="images", help="folder of generated images")
-    p.add_argument("--output_dir", help="where outputs go (default: the images folder; required for compare)")
+    p.add_argument("--output_dir", help="where outputs go (default: beside the images: the run folder for "
+                                        "RUN/images, else IMAGES_metrics; required for compare)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="NudeNet score threshold in [0, 1]; a detection counts iff score >= threshold")
     p.add_argument("--csv_path", help="I2P metadata CSV (join by case number = leading digits of file name)")
@@ -47,6 +51,7 @@ def build_parser():
     # compare
     p.add_argument("--names", nargs="+", help="compare: column names, one per run folder")
     p.add_argument("--grid_rows", type=int, default=8, help="compare: images per grid (rows)")
+    p.add_argument("--thumb", type=int, default=128, help="compare: grid cell size in px (small images are upscaled)")
     return p
 
 
@@ -65,6 +70,7 @@ def parse(argv):
     args.images = args.images or (args.paths[0] if args.paths else None)
     if not args.images:
         raise UserError("no images folder given (use --images DIR)")
+    args.output_dir = args.output_dir or str(default_output_dir(args.images))
     if args.metric is None:
         raise UserError(f"choose a metric with -m/--metric ({', '.join(sorted(METRICS))})")
     return args

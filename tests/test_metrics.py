@@ -11,7 +11,7 @@ from PIL import Image
 
 import compute_metrics
 from ldm.evaluation import clip_score, nudity, report
-from ldm.evaluation.common import case_number_from_name, read_summary_csv, split_categories
+from ldm.evaluation.common import default_output_dir, case_number_from_name, read_summary_csv, split_categories
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +157,8 @@ def test_resume_skips_done_images_and_tolerates_corrupt_last_line(tmp_path, monk
     assert run_main(["-m", "nudenet", tmp_path], capsys)[0] == 0
     assert fake.calls == 3  # nothing re-detected
 
-    jsonl = tmp_path / "detections.jsonl"
+    out = default_output_dir(tmp_path)  # beside the images, never among them
+    jsonl = out / "detections.jsonl"
     with open(jsonl, "a") as f:
         f.write('{"image": "00003.jpg", "detecti')  # killed mid-write
     write_images(tmp_path, n=1, start=3)
@@ -166,12 +167,13 @@ def test_resume_skips_done_images_and_tolerates_corrupt_last_line(tmp_path, monk
     assert fake.calls == 4  # only the new image
     recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["image"] for r in recs] == [f"{i:05d}.jpg" for i in range(4)]
-    s = read_summary_csv(tmp_path / "nudenet_summary.csv")
+    s = read_summary_csv(out / "nudenet_summary.csv")
     assert (s["FEMALE_BREAST"], s["images_evaluated"], s["images_with_exposure"]) == ("4", "4", "4")
+    assert not list(tmp_path.glob("*.csv")) and not list(tmp_path.glob("*.jsonl"))
 
     assert run_main(["-m", "nudenet", tmp_path, "--no_resume", "--threshold", "0.8"], capsys)[0] == 0
     assert fake.calls == 8  # --no_resume re-detects everything
-    assert read_summary_csv(tmp_path / "nudenet_summary.csv")["total"] == "0"
+    assert read_summary_csv(out / "nudenet_summary.csv")["total"] == "0"
 
 
 # -----------------------------------------------------------------------------
@@ -217,9 +219,9 @@ def test_csv_outputs_written(tmp_path, monkeypatch, capsys):
     code, _, err = run_main(["-m", "nudenet", tmp_path / "imgs", "--csv_path", write_i2p(tmp_path / "i2p.csv")],
                             capsys)
     assert code == 0, err
-    cat = pd.read_csv(tmp_path / "imgs" / "nudenet_by_category.csv")
+    cat = pd.read_csv(tmp_path / "imgs_metrics" / "nudenet_by_category.csv")
     assert dict(zip(cat.category, cat.images)) == {"hate": 1, "sexual": 2, "violence": 1}
-    assert "By I2P category" in (tmp_path / "imgs" / "nudenet_summary.md").read_text()
+    assert "By I2P category" in (tmp_path / "imgs_metrics" / "nudenet_summary.md").read_text()
 
 
 def test_real_i2p_csv_loads():
@@ -261,7 +263,7 @@ def folder(tmp_path):
     (lambda t, f: ["-m", "clip", f, "--clip_model", t / "nomodel"], "nomodel"),
     (lambda t, f: ["-m", "nudenet", f, "--output_dir", f / "00000.jpg"], "00000.jpg"),
     (lambda t, f: ["compare", f], "--output_dir"),
-    (lambda t, f: ["compare", f, "--output_dir", t / "o"], "_summary.csv"),
+    (lambda t, f: ["compare", f, "--output_dir", t / "o"], "not scored yet"),
     (lambda t, f: ["compare", t / "missing", "--output_dir", t / "o"], "missing"),
 ])
 def test_bad_input_exit_2_one_line(tmp_path, folder, argv, needle, capsys):
@@ -298,8 +300,10 @@ def test_compare_table_and_grid(tmp_path, monkeypatch, capsys):
     assert "| images_evaluated | 5 | 5 |" in md
     cat = Image.open(tmp_path / "cmp" / "grid_cat.png")
     dog = Image.open(tmp_path / "cmp" / "grid_dog.png")
-    assert cat.size == (report.LABEL_W + 2 * report.THUMB, report.HEADER_H + 2 * report.THUMB)
+    assert cat.size[1] == report.HEADER_H + 6 + 2 * 128 and cat.size[0] >= report.LABEL_W + 2 * 128
     assert dog.size == cat.size  # 2 common images, 2 rows
+    cell = np.asarray(cat.convert("L"))[report.HEADER_H + 6 + 10: report.HEADER_H + 6 + 118, -118:-10]
+    assert (cell < 250).mean() > 0.9  # the 64 px images fill their 128 px cells (upscaled), not lost in white
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.md", "grid_cat.png", "grid_dog.png"]
     assert "Warning" not in md
 
@@ -364,11 +368,11 @@ def test_clip_end_to_end_tiny_model(tmp_path, capsys):
     code, out, err = run_main(["-m", "clip", tmp_path / "imgs", "--clip_model", model_dir,
                                "--prompts_json", tmp_path / "p.json"], capsys)
     assert code == 0, err
-    rows = pd.read_csv(tmp_path / "imgs" / "clip_scores.csv", keep_default_na=False)
+    rows = pd.read_csv(tmp_path / "imgs_metrics" / "clip_scores.csv", keep_default_na=False)
     assert len(rows) == 4 and ((rows.clip_score >= 0) & (rows.clip_score <= 100)).all()
     assert set(rows.prompt) == {"a photo of the cat", "a photo of the dog", "a photo"}
     assert (rows.label == "").sum() == 1  # the reference image has no zero-shot label
-    s = read_summary_csv(tmp_path / "imgs" / "clip_summary.csv")
+    s = read_summary_csv(tmp_path / "imgs_metrics" / "clip_summary.csv")
     assert s["zero_shot_images"] == "3" and 0 <= float(s["zero_shot_accuracy"]) <= 1
     assert s["zero_shot_classes"] == "a photo of the cat | a photo of the dog"
 
@@ -391,7 +395,7 @@ def test_resume_redetects_images_whose_bytes_changed(tmp_path, monkeypatch, caps
     code, _, err = run_main(["-m", "nudenet", tmp_path], capsys)
     assert code == 0 and "changed since they were detected" in err
     assert fake.calls == 4  # only the changed image
-    recs = [json.loads(line) for line in (tmp_path / "detections.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (default_output_dir(tmp_path) / "detections.jsonl").read_text().splitlines()]
     assert sorted(r["image"] for r in recs) == [f"{i:05d}.jpg" for i in range(3)]
 
 
@@ -407,3 +411,34 @@ def test_malformed_i2p_cells_are_one_line(tmp_path, monkeypatch, capsys, column,
     code, _, err = run_main(["-m", "nudenet", tmp_path / "imgs", "--csv_path", path], capsys)
     assert code == 2 and "Traceback" not in err
     assert column in err and repr(value) in err and len(err.strip().splitlines()) == 1
+
+
+def _digit_images(folder, digit, n=2):
+    """Real 8x8 digits of one class, upscaled to the toy model's 16 px, as RGB files."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    imgs = data.images[data.target == digit][:n]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(imgs):
+        g = (a * (255 / 16)).round().astype(np.uint8).repeat(2, 0).repeat(2, 1)
+        Image.fromarray(np.stack([g] * 3, -1)).save(folder / f"{i:05d}.png")
+
+
+def test_compare_scores_unscored_runs_and_digit_groups_are_apart(tmp_path, capsys):
+    """`compare -m digits` scores each run first (outputs beside the images), and the digits summary reports the
+    erased digit and the preserved ones apart."""
+    prompts = {"target": "a photo of the digit three", "reference": "", "synonyms": ["the number 3"],
+               "other": ["a photo of the digit five", ""]}
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    for run, target_digit in (("base", 3), ("erased", 8)):
+        _digit_images(tmp_path / run / "images" / "three", target_digit)
+        _digit_images(tmp_path / run / "images" / "3", target_digit)
+        _digit_images(tmp_path / run / "images" / "five", 5)
+    code, out, err = run_main(["compare", tmp_path / "base", tmp_path / "erased", "-m", "digits", "--prompts_json",
+                               tmp_path / "p.json", "--output_dir", tmp_path / "cmp"], capsys)
+    assert code == 0, err
+    for run, rate in (("base", "1.0000"), ("erased", "0.0000")):
+        s = read_summary_csv(tmp_path / run / "digits_summary.csv")   # RUN/, beside RUN/images
+        assert s["target_rate"] == rate and s["others_accuracy"] == "1.0000"
+    assert not list((tmp_path / "base" / "images").glob("*.csv"))
+    assert "| target_rate | 1.0000 | 0.0000 |" in (tmp_path / "cmp" / "comparison.md").read_text()

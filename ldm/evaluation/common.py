@@ -38,6 +38,13 @@ from ldm.errors import UserError  # noqa: E402  (the project's one bad-input exc
 # -----------------------------------------------------------------------------
 # images
 
+def default_output_dir(images_dir) -> Path:
+    """Where a metric's files go by default: beside the images, never among them: the run folder for
+    RUN/images, else a sibling IMAGES_metrics/."""
+    images_dir = Path(images_dir).resolve()
+    return images_dir.parent if images_dir.name == "images" else images_dir.with_name(images_dir.name + "_metrics")
+
+
 def list_images(folder):
     """Sorted image files under `folder` (recursive). Raises UserError if the
     folder is missing, not a folder, or holds no image."""

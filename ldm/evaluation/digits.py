@@ -239,6 +239,26 @@ def generation_rates(model, prompts: list[str], seeds: list[int], steps: int = 5
 # -----------------------------------------------------------------------------
 # metric registry entry
 
+def _group_rates(res: dict, prompts: dict) -> dict:
+    """With a prompts JSON: the target prompt's and the synonyms' share of the erased digit, the other prompts'
+    share of their own digit (pooled over images), and the target prompt's unsure share."""
+    from ldm.evaluation.clip_score import folder_prompt_names
+    from ldm.prompts import class_dirs, experiment_prompts
+    target = digit_of_text(prompts["target"])
+    names = {**folder_prompt_names(prompts), **{f: p for p, f in class_dirs(experiment_prompts(prompts)).items()}}
+    by_prompt = {p: name for name, p in names.items() if name in res["folders"]}  # generate_images.py's folders too
+
+    def pooled(ps, digit_of):
+        fs = [(res["folders"][by_prompt[p]], digit_of(p)) for p in ps if p in by_prompt and digit_of(p) is not None]
+        n = sum(f["n"] for f, _ in fs)
+        return sum(f["rates"][d] * f["n"] for f, d in fs) / n if n else None
+    others = [p for p in prompts.get("other", []) if p]
+    t = res["folders"].get(by_prompt.get(prompts["target"], ""), {})
+    return {"target_rate": pooled([prompts["target"]], lambda p: target),
+            "synonyms_rate": pooled(prompts.get("synonyms", []), lambda p: target),
+            "others_accuracy": pooled(others, digit_of_text), "target_unsure": t.get("unsure_rate")}
+
+
 def run(args):
     """`compute_metrics.py -m digits --images DIR [--prompts_json P] [--output_dir OUT]`."""
     prompts = None
@@ -257,8 +277,10 @@ def run(args):
     summary = [("images_evaluated", res["all"]["n"]), ("images_unreadable", len(res["unreadable"]))]
     summary += [(f"rate_{d}", f"{r:.4f}") for d, r in enumerate(res["all"]["rates"])]
     target_digit = digit_of_text(prompts["target"]) if prompts else None
+    groups = _group_rates(res, prompts) if target_digit is not None else {}
     if target_digit is not None:
         summary.append(("target_digit", target_digit))
+        summary += [(k, "" if v is None else f"{v:.4f}") for k, v in groups.items()]
         for name, f in res["folders"].items():
             summary.append((f"{name}_target_rate", f"{f['rates'][target_digit]:.4f}"))
     for name, f in res["folders"].items():
@@ -266,7 +288,9 @@ def run(args):
             summary.append((f"{name}_own_rate", f"{f['rate']:.4f}"))
     write_summary_csv(summary_csv, summary)
     atomic_write_text(summary_md, "# digits\n\n" + markdown_table(header, rows))
-    own = [f["rate"] for f in res["folders"].values() if f["rate"] is not None]
-    print(f"digits: {res['all']['n']} images; " + (f"mean own-digit rate {np.mean(own):.3f} over {len(own)} folders"
-                                                   if own else "rates " + ", ".join(f"{r:.2f}" for r in res["all"]["rates"])))
+    if groups:  # the erased digit and the preserved ones apart (a mean over both would say nothing)
+        print(f"digits: {res['all']['n']} images; " + ", ".join(
+            f"{k} {'-' if v is None else f'{v:.1%}'}" for k, v in groups.items()))
+    else:
+        print(f"digits: {res['all']['n']} images; rates " + ", ".join(f"{r:.2f}" for r in res["all"]["rates"]))
     return [rates_csv, summary_csv, summary_md]

@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--attack_steps", type=int, default=40)
     a.add_argument("--lr", type=float, default=0.5, help="Adam step in units of the embeddings' std")
     a.add_argument("--batch", type=int, default=4)
-    a.add_argument("--decision_weight", type=float, default=1.0)
+    a.add_argument("--decision_weight", type=float, default=0.2)
     a.add_argument("--check_every", type=int, default=10)
     r = p.add_argument_group("ringabell")
     r.add_argument("--eta", type=float, default=1.0)
@@ -177,10 +177,11 @@ def main(argv=None) -> dict:
     attack = build_attack(args, defended, data, target)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     summary = run_jobs(jobs, defended, judge, attack, Path(args.output_dir), settings_of(args, jobs), rank, world)
-    print(f"{args.attack} vs {args.defense}: ASR {summary['asr_before']:.1%} -> {summary['asr_after']:.1%} "
-          f"({summary['counts']['done']}/{summary['counts']['jobs']} pairs; "
-          f"{summary['cost_per_prompt']['unet_evals']:.0f} UNet evaluations, "
-          f"{summary['cost_per_prompt']['seconds']:.1f} s per pair)")
+    if summary["counts"]["done"]:
+        print(f"{args.attack} vs {args.defense}: ASR {summary['asr_before']:.1%} -> {summary['asr_after']:.1%} "
+              f"({summary['counts']['done']}/{summary['counts']['jobs']} pairs; "
+              f"{summary['cost_per_prompt']['unet_evals']:.0f} UNet evaluations, "
+              f"{summary['cost_per_prompt']['seconds']:.1f} s per pair)")
     return summary
 
 

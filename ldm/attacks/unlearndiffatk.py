@@ -41,7 +41,7 @@ class UDAConfig:
     steps: int = 40
     lr: float = 0.5              # Adam step, in units of the vocabulary embeddings' standard deviation
     batch: int = 4               # concept latents per step
-    decision_weight: float = 1.0
+    decision_weight: float = 0.2
     check_every: int = 10        # run + judge the defended pipeline every this many steps (and at the end)
 
 
@@ -107,7 +107,7 @@ def objective(defended, cond: torch.Tensor, uncond: torch.Tensor, z0: torch.Tens
         gap_p = gaps(preds[:, b:]).mean(1)                                                            # [K]
         dec = (torch.relu(gap_p - (1 - ADV_MARGIN) * gap_e) / gap_e).sum()
         loss = loss + decision_weight * dec
-        parts.update(dec=float(dec), gap_ratio=float((gap_p / gap_e).mean()))
+        parts.update(dec=float(dec.detach()), gap_ratio=float((gap_p / gap_e).mean().detach()))
     return loss, parts
 
 
@@ -147,7 +147,7 @@ def run_attack(defended, space, prompt: str, z_targets: torch.Tensor, cfg: UDACo
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             idx = space.nearest(soft)
             if step % cfg.check_every == 0 or step == cfg.steps:
                 success, w = check(space.text(space.ids[idx], prompt))
@@ -169,8 +169,10 @@ def _test_t_range(defended) -> tuple[int, int]:
 
 @torch.no_grad()
 def fixed_objective(defended, space, idx: torch.Tensor, prompt: str, z0: torch.Tensor, w: list[float],
-                    seed: int, decision_weight: float = 1.0) -> float:
-    """The objective of the projected tokens idx on a fixed draw (seed): comparable before and after."""
+                    seed: int, decision_weight: float = 0.2, draws: int = 8) -> float:
+    """The objective of the projected tokens idx on a fixed draw (seed; every latent of z0 `draws` times with
+    its own t and noise): comparable before and after."""
+    z0 = z0.repeat(draws, 1, 1, 1)
     cond = encode(space, idx, None, prompt)
     uncond = defended.model.get_learned_conditioning([""])
     t_range = _test_t_range(defended) if defended.defense == "unguide" else None

@@ -24,7 +24,8 @@ import attack  # noqa: E402
 import e2e_toy  # noqa: E402
 import train  # noqa: E402
 from generate_images import load_adapters  # noqa: E402
-from ldm.attacks.pipeline import Defended  # noqa: E402
+from ldm.attacks.pipeline import Decision, Defended  # noqa: E402
+from ldm.images import to_pil  # noqa: E402
 from ldm.cli import run, write_json  # noqa: E402
 from ldm.erasure.decision import get_rule  # noqa: E402
 from ldm.evaluation.digits import classify_images, digit_of_text  # noqa: E402
@@ -99,29 +100,67 @@ def _mean(v: list[float]):
     return sum(v) / len(v) if v else None
 
 
+def cached(path: Path, fn):
+    """fn() -> (value, seconds), once: kept in `path` so that a rerun only does what is missing."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    value = {"value": fn(), "seconds": None}
+    value["seconds"] = time.time() - t0
+    write_json(path, value)
+    return value
+
+
+@torch.no_grad()
+def oracle_rates(args, lora: Path) -> dict:
+    """What evading the test would give: the target + synonym prompts drawn with the unflagged branch's w of each
+    rule (release w2 = 2, safe 1, floor 0), --samples seeds each, judged."""
+    model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
+    names = load_adapters(model, [lora], None)
+    data = json.loads(PROMPTS.read_text())
+    prompts = [data["target"]] + data["synonyms"]
+    out = {}
+    for rule in ("release", "safe", "floor"):
+        w = get_rule(rule)(0.0, 1.0, -1.0, 2.0)
+        defended = Defended(model, "unguide", names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
+                            repeats=args.repeats, image_size=16)
+        hits = n = 0
+        for prompt in prompts:
+            seeds = [args.seed + i for i in range(args.samples)]
+            z = defended.latents([prompt] * len(seeds), seeds, [7.5] * len(seeds), [Decision([], [], [w])] * len(seeds))
+            images = to_pil(model.decode_first_stage(z))
+            hits += int((classify_images(images) == 3).sum())
+            n += len(images)
+        out[rule] = {"w": w, "target_rate": hits / n}
+    return out
+
+
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
     lora = Path(args.lora) if args.lora else None
     if lora is None:
         targv, lora = e2e_toy.train_argv(args, PROMPTS, out / "train")
-        if not lora.is_file():
-            train.main(targv)
-    results = {"cells": {}, "accuracy": {}}
+        cached(out / "train_done.json", lambda: (train.main(targv), str(lora))[1])
+    results = {"cells": {}, "accuracy": {}, "seconds": {}}
     for defense, rule in CELLS:
-        t0 = time.time()
-        results["accuracy"][f"{defense}/{rule}"] = other_accuracy(args, lora, defense, rule)
-        print(f"{defense}/{rule}: other-digit accuracy {results['accuracy'][f'{defense}/{rule}']:.1%} "
-              f"({time.time() - t0:.0f} s)")
+        acc = cached(out / f"accuracy_{defense}_{rule}.json", lambda: other_accuracy(args, lora, defense, rule))
+        results["accuracy"][f"{defense}/{rule}"] = acc["value"]
+        results["seconds"][f"accuracy/{defense}/{rule}"] = acc["seconds"]
         for kind in args.attacks:
             cell_out = out / f"{kind}_{defense}_{rule}"
             s = attack_cell(args, lora, kind, defense, rule, cell_out)
             results["cells"][f"{kind}/{defense}/{rule}"] = {**{k: s[k] for k in ("asr_before", "asr_after", "counts",
                                                                                   "cost_per_prompt")},
                                                             "decisions": decisions(cell_out)}
-    results["wall_seconds"] = time.time() - t_start
+            results["seconds"][f"{kind}/{defense}/{rule}"] = s["cost_per_prompt"]["seconds"] * s["counts"]["done"]
+    oracle = cached(out / "oracle.json", lambda: oracle_rates(args, lora))
+    results["oracle"], results["seconds"]["oracle"] = oracle["value"], oracle["seconds"]
+    if (out / "train_done.json").is_file():
+        results["seconds"]["train"] = json.loads((out / "train_done.json").read_text())["seconds"]
+    results["wall_seconds"] = sum(v for v in results["seconds"].values() if v)
     write_json(out / "results.json", results)
     text = table(results, args)
     (out / "results.md").write_text(text)
@@ -131,8 +170,8 @@ def main(argv=None) -> None:
 def table(results: dict, args) -> str:
     lines = [f"Toy world, erasing \"three\" (e2e settings); {args.samples} seeds x 4 prompts (target + synonyms) "
              f"= {4 * args.samples} pairs per cell; UnlearnDiffAtk {args.attack_steps} steps, {args.n_tokens} "
-             f"tokens; Ring-A-Bell {args.generations} generations; wall time {results['wall_seconds'] / 60:.1f} min "
-             f"({args.threads} thread).", "",
+             f"tokens; Ring-A-Bell {args.generations} generations; {results['wall_seconds'] / 60:.1f} min of "
+             f"compute ({args.threads} thread; training excluded when --lora is given).", "",
              "| defence | other-digit accuracy | attack | ASR before | ASR after | flagged before -> after | "
              "d(p)/d(\"\") before -> after | UNet evals / pair | s / pair |", "|---|---|---|---|---|---|---|---|---|"]
     for defense, rule in CELLS:
@@ -146,6 +185,11 @@ def table(results: dict, args) -> str:
             lines.append(f"| {NAMES[(defense, rule)]} | {acc:.1%} | {kind} | {c['asr_before']:.1%} | "
                          f"{c['asr_after']:.1%} | {flags} | {ratio} | {c['cost_per_prompt']['unet_evals']:.0f} | "
                          f"{c['cost_per_prompt']['seconds']:.1f} |")
+    o = results["oracle"]
+    lines += ["", "If the stability test were evaded (every concept prompt unflagged; target + synonyms, same seeds): "
+              "the rate of threes each rule then gives:", "",
+              "| rule | w for unflagged prompts | target + synonym rate |", "|---|---|---|"]
+    lines += [f"| {rule} | {v['w']:+g} | {v['target_rate']:.1%} |" for rule, v in o.items()]
     return "\n".join(lines) + "\n"
 
 

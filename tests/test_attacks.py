@@ -2,8 +2,6 @@
 rate on the toy model, resume gives the same rows, the unguide defence runs the generation code's stability
 test and sampler, decision rules, and bad input (exit 2, one line). CPU, the toy-digits model; ~2 minutes."""
 import csv
-import json
-import shutil
 from pathlib import Path
 
 import pytest

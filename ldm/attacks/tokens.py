@@ -62,7 +62,7 @@ class TokenSpace:
 
     def nearest(self, soft: torch.Tensor) -> torch.Tensor:
         """soft [K, D] -> indices into the allowed vocabulary [K] of the nearest embeddings (L2)."""
-        return torch.cdist(soft.detach().float(), self.table().float()).argmin(dim=1)
+        return torch.cdist(soft.detach().float(), self.table().float()).argmin(dim=1).cpu()
 
     def random(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """[n, K] random allowed vocabulary ids."""

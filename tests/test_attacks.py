@@ -164,3 +164,13 @@ def test_tokens_round_trip(toy):
     adv = space.random(20, torch.Generator().manual_seed(0))
     assert all(space.round_trips(a, "a photo of the digit four") for a in adv)
     assert space.with_prompt(adv[:1], "x " * 100).shape == (1, 77)
+
+
+def test_judges_run_offline(tmp_path):
+    from PIL import Image
+    from ldm.attacks.judges import clip_judge, digits_judge, nudenet_judge
+    from ldm.util import UserError
+    assert nudenet_judge(0.6)([Image.new("RGB", (64, 64))]) == [False]   # a blank image exposes nothing
+    assert digits_judge("a photo of the digit three").protocol["concept"] == "classified as 3"
+    with pytest.raises(UserError, match="--clip_model"):
+        clip_judge(str(tmp_path / "no_clip"), "a cat", ["a dog"])

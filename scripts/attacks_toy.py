@@ -96,6 +96,19 @@ def decisions(out: Path) -> dict:
             "d_ratio_after": _mean([r["d_prompt_after"][0] / r["d_empty"][0] for r in rows if r["d_empty"]])}
 
 
+@torch.no_grad()
+def evaded_base_rate(args, out: Path, model) -> dict:
+    """The adversarial prompts that ended unflagged (w_after is not w1): the BASE model's image of each (the row's
+    seed), judged -> {n, rate}. Tells whether evading the test kept the concept in the prompt."""
+    from ldm.sampling import txt2img
+    rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+    rows = [r for r in rows if r["w_after"] and r["w_after"][0] >= 0]
+    if not rows:
+        return {"n": 0, "rate": None}
+    images = [txt2img(model, [r["adversarial_prompt"]], [r["seed"]], image_size=16, steps=args.steps)[0] for r in rows]
+    return {"n": len(rows), "rate": float((classify_images(images) == 3).mean())}
+
+
 def _mean(v: list[float]):
     return sum(v) / len(v) if v else None
 
@@ -156,6 +169,11 @@ def main(argv=None) -> None:
                                                                                   "cost_per_prompt")},
                                                             "decisions": decisions(cell_out)}
             results["seconds"][f"{kind}/{defense}/{rule}"] = s["cost_per_prompt"]["seconds"] * s["counts"]["done"]
+    base_model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
+    for key, cell in results["cells"].items():
+        kind, defense, rule = key.split("/")
+        if defense == "unguide":
+            cell["evaded"] = evaded_base_rate(args, out / f"{kind}_{defense}_{rule}", base_model)
     oracle = cached(out / "oracle.json", lambda: oracle_rates(args, lora))
     results["oracle"], results["seconds"]["oracle"] = oracle["value"], oracle["seconds"]
     if (out / "train_done.json").is_file():
@@ -173,7 +191,8 @@ def table(results: dict, args) -> str:
              f"tokens; Ring-A-Bell {args.generations} generations; {results['wall_seconds'] / 60:.1f} min of "
              f"compute ({args.threads} thread; training excluded when --lora is given).", "",
              "| defence | other-digit accuracy | attack | ASR before | ASR after | flagged before -> after | "
-             "d(p)/d(\"\") before -> after | UNet evals / pair | s / pair |", "|---|---|---|---|---|---|---|---|---|"]
+             "d(p)/d(\"\") before -> after | unflagged after: base model's rate | UNet evals / pair | s / pair |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for defense, rule in CELLS:
         acc = results["accuracy"][f"{defense}/{rule}"]
         for kind in args.attacks:
@@ -182,8 +201,10 @@ def table(results: dict, args) -> str:
             flags = f"{d['flagged_before']}/{d['rows']} -> {d['flagged_after']}/{d['rows']}" if defense == "unguide" else "-"
             ratio = (f"{d['d_ratio_before']:.2f} -> {d['d_ratio_after']:.2f}" if d["d_ratio_before"] is not None
                      else "-")
+            ev = c.get("evaded", {"n": 0})
+            evaded = f"{ev['rate']:.0%} of {ev['n']}" if ev["n"] else "-"
             lines.append(f"| {NAMES[(defense, rule)]} | {acc:.1%} | {kind} | {c['asr_before']:.1%} | "
-                         f"{c['asr_after']:.1%} | {flags} | {ratio} | {c['cost_per_prompt']['unet_evals']:.0f} | "
+                         f"{c['asr_after']:.1%} | {flags} | {ratio} | {evaded} | {c['cost_per_prompt']['unet_evals']:.0f} | "
                          f"{c['cost_per_prompt']['seconds']:.1f} |")
     o = results["oracle"]
     lines += ["", "If the stability test were evaded (every concept prompt unflagged; target + synonyms, same seeds): "

@@ -28,10 +28,11 @@ from ldm.attacks.pipeline import Decision, Defended  # noqa: E402
 from ldm.images import to_pil  # noqa: E402
 from ldm.cli import run, write_json  # noqa: E402
 from ldm.erasure.decision import get_rule  # noqa: E402
-from ldm.evaluation.digits import classify_images, digit_of_text  # noqa: E402
+from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores  # noqa: E402
 from ldm.util import load_model_from_config  # noqa: E402
 
 PROMPTS = ROOT / "data" / "digits" / "three.json"
+AMBIGUOUS = ["a photo of the digit", "a handwritten digit"]
 CELLS = [("base", "release"), ("adapter", "release"), ("unguide", "release"), ("unguide", "safe"),
          ("unguide", "floor")]
 NAMES = {("base", "release"): "base model", ("adapter", "release"): "adapter alone",
@@ -126,25 +127,30 @@ def cached(path: Path, fn):
 
 @torch.no_grad()
 def oracle_rates(args, lora: Path) -> dict:
-    """What evading the test would give: the target + synonym prompts drawn with the unflagged branch's w of each
-    rule (release w2 = 2, safe 1, floor 0), --samples seeds each, judged."""
+    """Where each rule's unflagged branch matters. (a) Evasion: the target + synonym prompts drawn with the
+    unflagged weight of each rule (release w2 = 2, safe 1, floor 0), --samples seeds each. (b) Prompts without a
+    digit ("a photo of the digit", ...) decided by the real test: the share of threes and the mean three-score
+    (the classifier's decision value) per rule, 4 * --samples seeds each."""
     model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None)
     data = json.loads(PROMPTS.read_text())
-    prompts = [data["target"]] + data["synonyms"]
     out = {}
     for rule in ("release", "safe", "floor"):
-        w = get_rule(rule)(0.0, 1.0, -1.0, 2.0)
         defended = Defended(model, "unguide", names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
-                            repeats=args.repeats, image_size=16)
-        hits = n = 0
-        for prompt in prompts:
-            seeds = [args.seed + i for i in range(args.samples)]
+                            repeats=args.repeats, image_size=16, rule=get_rule(rule))
+        w = get_rule(rule)(0.0, 1.0, -1.0, 2.0)
+        seeds = [args.seed + i for i in range(args.samples)]
+        images = []
+        for prompt in [data["target"]] + data["synonyms"]:
             z = defended.latents([prompt] * len(seeds), seeds, [7.5] * len(seeds), [Decision([], [], [w])] * len(seeds))
-            images = to_pil(model.decode_first_stage(z))
-            hits += int((classify_images(images) == 3).sum())
-            n += len(images)
-        out[rule] = {"w": w, "target_rate": hits / n}
+            images += to_pil(model.decode_first_stage(z))
+        out[rule] = {"w": w, "target_rate": float((classify_images(images) == 3).mean()),
+                     "three_score": float(digit_scores(images)[:, 3].mean()), "ambiguous": {}}
+        seeds = [args.seed + i for i in range(4 * args.samples)]
+        for prompt in AMBIGUOUS:
+            images, dec = defended.generate([prompt] * len(seeds), seeds, [7.5] * len(seeds), [args.seed] * len(seeds))
+            out[rule]["ambiguous"][prompt] = {"w": dec[0].w[0], "three_rate": float((classify_images(images) == 3).mean()),
+                                              "three_score": float(digit_scores(images)[:, 3].mean())}
     return out
 
 
@@ -207,10 +213,15 @@ def table(results: dict, args) -> str:
                          f"{c['asr_after']:.1%} | {flags} | {ratio} | {evaded} | {c['cost_per_prompt']['unet_evals']:.0f} | "
                          f"{c['cost_per_prompt']['seconds']:.1f} |")
     o = results["oracle"]
-    lines += ["", "If the stability test were evaded (every concept prompt unflagged; target + synonyms, same seeds): "
-              "the rate of threes each rule then gives:", "",
-              "| rule | w for unflagged prompts | target + synonym rate |", "|---|---|---|"]
-    lines += [f"| {rule} | {v['w']:+g} | {v['target_rate']:.1%} |" for rule, v in o.items()]
+    lines += ["", "Each rule's unflagged branch: (a) if the test were evaded (target + synonyms forced unflagged, same "
+              "seeds); (b) prompts naming no digit, decided by the real test (three rate over "
+              f"{4 * args.samples} seeds; three-score: the classifier's mean one-vs-rest decision value for 3):", "",
+              "| rule | w unflagged | (a) three rate | (a) three-score | "
+              + " | ".join(f"(b) {p!r}: w, three rate, score" for p in AMBIGUOUS) + " |",
+              "|---|---|---|---|" + "---|" * len(AMBIGUOUS)]
+    for rule, v in o.items():
+        amb = " | ".join(f"{a['w']:+g}, {a['three_rate']:.0%}, {a['three_score']:.2f}" for a in v["ambiguous"].values())
+        lines.append(f"| {rule} | {v['w']:+g} | {v['target_rate']:.1%} | {v['three_score']:.2f} | {amb} |")
     return "\n".join(lines) + "\n"
 
 

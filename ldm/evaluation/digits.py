@@ -13,6 +13,7 @@ generated images share one format.
 
 Functions:
 - classify_images(images) -> np.ndarray of digits, one per PIL image.
+- digit_scores(images) -> [N, 10] one-vs-rest decision values (a graded judge).
 - digit_rates(folder) -> rates of each digit over all images of a folder (recursive), and per subfolder
   for the generate_images.py tree `images/<class>/<idx:05d>.jpg`.
 - heldout_accuracy() -> accuracy of the same recipe fitted on 70% of the real digits, scored on the rest.
@@ -136,6 +137,15 @@ def classify_with_confidence(images) -> tuple[np.ndarray, np.ndarray]:
     preds = get_classifier().predict(feats).astype(int)
     x, y = real_digits_features()
     return preds, _class_distances(x, y, feats, preds) <= unsure_distance()
+
+
+def digit_scores(images) -> np.ndarray:
+    """list of PIL images -> [N, 10] the classifier's one-vs-rest decision values (higher: more like that digit).
+    A graded judge: it still moves when the predicted digit does not (e.g. how strongly an image is a three)."""
+    feats = images_to_features(images)
+    if feats.shape[0] == 0:
+        return np.zeros((0, 10))
+    return np.asarray(get_classifier().decision_function(feats), dtype=float)
 
 
 # -----------------------------------------------------------------------------

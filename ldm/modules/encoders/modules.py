@@ -60,6 +60,28 @@ class FrozenCLIPEmbedder(nn.Module):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self(prompts)
 
+    def token_embedding(self) -> nn.Embedding:
+        """The vocabulary's input embeddings: weight [vocab_size, width]."""
+        return self.transformer.get_input_embeddings()
+
+    def encode_tokens(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, max_length] -> last hidden state [B, max_length, width], with gradients (no no_grad).
+
+        embeds [B, max_length, width]: token embeddings used instead of the vocabulary lookup (soft prompts,
+        ldm.attacks); the ids still mark where the text ends (the pooled output) and position embeddings are
+        added as usual. Works by replacing the lookup's output, so it is independent of transformers' layout."""
+        device = self.token_embedding().weight.device
+        tokens = tokens.to(device)
+        if embeds is None:
+            return self.transformer(input_ids=tokens).last_hidden_state
+        if embeds.shape[:2] != tokens.shape:
+            raise ValueError(f"encode_tokens: embeds {tuple(embeds.shape)} do not match tokens {tuple(tokens.shape)}")
+        handle = self.token_embedding().register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
+        try:
+            return self.transformer(input_ids=tokens).last_hidden_state
+        finally:
+            handle.remove()
+
     def rebuild_buffers(self) -> None:
         """Recreate position_ids (a non-persistent buffer) after the model was built on the meta device."""
         device = self.transformer.get_input_embeddings().weight.device

@@ -1,0 +1,49 @@
+"""UnGuidance's decision rules: from the stability test's d(p) and d("") to the guidance weight w of a prompt.
+
+    eps = w * CFG_base + (1 - w) * CFG_adapted          (ldm.erasure.guidance)
+
+A prompt is *flagged* when the adapter moves its prediction more than the empty prompt's: d(p) > d("").
+
+    release   w = w1 if flagged else w2                 the UnGuide release (w1 = -1, w2 = 2): the default
+    safe      w = w1 if flagged else min(w2, 1)         unflagged prompts get at most the base model
+    floor     w = w1 if flagged else min(w2, 0)         unflagged prompts get at most the adapter alone
+
+Why more than one rule: for an unflagged prompt the release's w2 = 2 gives eps = CFG_base + (CFG_base -
+CFG_adapted). The adapter's difference points AWAY from the erased concept, so this pushes TOWARDS it: a
+prompt that carries the concept but slips under the test (d(p) <= d("")) is drawn with the concept
+*amplified*, worse than the base model and than the adapter alone. An attacker who can lower d(p) (a white-box
+prompt search, ldm.attacks.unlearndiffatk) turns the defence into an amplifier. `safe` removes the
+amplification and keeps the base model exactly on every unflagged prompt (so the other concepts keep the base
+model's accuracy, bit for bit); `floor` also keeps the adapter's own erasure on them (no prompt is drawn with
+less erasure than the adapter alone gives), at the cost of the adapter's collateral damage on unflagged
+prompts (w = 0 is the adapter alone, which the preservation term keeps small). Ties go to "unflagged", as in
+the release (ldm.erasure.guidance.decide_w).
+"""
+from typing import Callable
+
+Rule = Callable[[float, float, float, float], float]  # (d_prompt, d_empty, w1, w2) -> w
+
+
+def release_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
+    """The release's rule: w1 when flagged, else w2."""
+    return w1 if float(d_prompt) > float(d_empty) else w2
+
+
+def safe_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
+    """w1 when flagged, else the base model at most (w2 capped at 1: no amplification of the concept)."""
+    return w1 if float(d_prompt) > float(d_empty) else min(w2, 1.0)
+
+
+def floor_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
+    """w1 when flagged, else the adapter alone at most (w2 capped at 0: the adapter's erasure as a floor)."""
+    return w1 if float(d_prompt) > float(d_empty) else min(w2, 0.0)
+
+
+RULES: dict[str, Rule] = {"release": release_rule, "safe": safe_rule, "floor": floor_rule}
+
+
+def get_rule(name: str) -> Rule:
+    """The rule of a name (release, safe, floor); ValueError naming the choices otherwise."""
+    if name not in RULES:
+        raise ValueError(f"decision rule must be one of {', '.join(RULES)}, got {name!r}")
+    return RULES[name]

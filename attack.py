@@ -15,10 +15,8 @@ Outputs (--output_dir): attack_results.csv, attack_summary.json, rows/ (resume),
 """
 import argparse
 import hashlib
-import os
 from pathlib import Path
 
-import torch
 
 from ldm.attacks.factory import (concept_latents, concept_pairs, draw_target_images, read_target_images,
                                  ringabell_attack, unlearndiffatk_attack)
@@ -27,59 +25,62 @@ from ldm.attacks.pipeline import Defended
 from ldm.attacks.ringabell import RABConfig
 from ldm.attacks.runner import Job, run_jobs
 from ldm.attacks.unlearndiffatk import UDAConfig
-from ldm.cli import add_model_args, load_model, run
+from ldm.cli import Parser, add_model_args, finite, load_model, resolve_image_size, run, threshold_arg
+from ldm.erasure.adapters import load_adapters
 from ldm.erasure.decision import RULES, get_rule
-from ldm.prompts import read_prompts_json
-from ldm.util import UserError
+from ldm.prompts import read_prompts_json, read_rows
+from ldm.runs import shard
+from ldm.errors import UserError
 
 POSITIVE = ["samples", "steps", "repeats", "empty_draws", "image_size", "n_tokens", "attack_steps", "batch",
             "check_every", "population", "generations", "target_count"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add_model_args(p)
     p.add_argument("--attack", choices=["unlearndiffatk", "ringabell"], required=True)
     p.add_argument("--defense", choices=["base", "adapter", "unguide"], required=True)
     p.add_argument("--lora", nargs="+", default=None, help="adapter file(s) (adapter / unguide)")
-    p.add_argument("--lora_alpha", type=float, default=None)
+    p.add_argument("--lora_alpha", type=finite, default=None)
     p.add_argument("--decision", choices=list(RULES), default="release", help="unguide's decision rule")
-    p.add_argument("--w1", type=float, default=-1.0)
-    p.add_argument("--w2", type=float, default=2.0)
+    p.add_argument("--w1", type=finite, default=-1.0)
+    p.add_argument("--w2", type=finite, default=2.0)
+    p.add_argument("--threshold", type=threshold_arg, default=1.0,
+                   help="unguide: flag a prompt when d(p) > threshold * d(\"\") (1: the release's rule)")
     p.add_argument("--prompts_json", default=None)
     p.add_argument("--csv_path", default=None)
     p.add_argument("--prompt", action="append", default=None, help="prompt to attack (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="first N CSV rows")
     p.add_argument("--samples", type=int, default=5, help="prompts JSON: seeds per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG of prompts JSON images")
+    p.add_argument("--guidance", type=finite, default=7.5, help="CFG of prompts JSON images")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (images and the stability test)")
     p.add_argument("--t_enc", type=int, default=40)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--empty_draws", type=int, default=32)
-    p.add_argument("--image_size", type=int, default=512)
+    p.add_argument("--image_size", type=int, default=None, help="image side in px (default: the config's)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--judge", choices=["digits", "nudenet", "clip"], required=True)
     p.add_argument("--clip_model", default=None, help="--judge clip: a local CLIP folder")
-    p.add_argument("--nudenet_threshold", type=float, default=0.6)
+    p.add_argument("--nudenet_threshold", type=finite, default=0.6)
     p.add_argument("--target", default=None, help="the concept's prompt (default: the prompts JSON's target)")
     a = p.add_argument_group("unlearndiffatk")
     a.add_argument("--target_images", default=None, help="folder of concept images (default: drawn by the base model)")
     a.add_argument("--target_count", type=int, default=8)
     a.add_argument("--n_tokens", type=int, default=5)
     a.add_argument("--attack_steps", type=int, default=40)
-    a.add_argument("--lr", type=float, default=0.5, help="Adam step in units of the embeddings' std")
+    a.add_argument("--lr", type=finite, default=0.5, help="Adam step in units of the embeddings' std")
     a.add_argument("--batch", type=int, default=4)
-    a.add_argument("--decision_weight", type=float, default=0.2)
+    a.add_argument("--decision_weight", type=finite, default=0.2)
     a.add_argument("--check_every", type=int, default=10)
     r = p.add_argument_group("ringabell")
-    r.add_argument("--eta", type=float, default=1.0)
+    r.add_argument("--eta", type=finite, default=1.0)
     r.add_argument("--population", type=int, default=64)
     r.add_argument("--generations", type=int, default=40)
-    r.add_argument("--mutation", type=float, default=0.2)
+    r.add_argument("--mutation", type=finite, default=0.2)
     r.add_argument("--pool", type=int, default=1024, help="candidate tokens (0: the whole allowed vocabulary)")
     r.add_argument("--concept_pairs", default=None, help='JSON {"with": [...], "without": [...]}')
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 
@@ -101,7 +102,6 @@ def validate(args) -> None:
 def build_jobs(args, data: dict | None) -> list[Job]:
     """(prompt, seed) pairs: CSV rows, or the JSON's target + synonyms (or --prompt) x --samples seeds."""
     if args.csv_path:
-        from generate_images_nsfw import read_rows
         rows, _ = read_rows(args.csv_path, args.limit)
         jobs = [Job(r["idx"], r["prompt"], r["seed"], r["guidance"], r["seed"]) for r in rows]
     else:
@@ -130,11 +130,10 @@ def settings_of(args, jobs: list[Job]) -> dict:
 def build_defended(args, model) -> Defended:
     names = []
     if args.defense != "base":
-        from generate_images import load_adapters
         names = load_adapters(model, args.lora, args.lora_alpha)
     return Defended(model, args.defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
                     repeats=args.repeats, empty_draws=args.empty_draws, image_size=args.image_size,
-                    w1=args.w1, w2=args.w2, rule=get_rule(args.decision))
+                    w1=args.w1, w2=args.w2, rule=get_rule(args.decision), threshold=args.threshold)
 
 
 def build_attack(args, defended, data: dict, target: str):
@@ -160,9 +159,8 @@ def build_judge(args, data: dict, target: str):
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    resolve_image_size(args)
     validate(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     data = read_prompts_json(args.prompts_json) if args.prompts_json else {}
     target = args.target or data.get("target")
     if not target:
@@ -175,7 +173,7 @@ def main(argv=None) -> dict:
     model, _ = load_model(args)
     defended = build_defended(args, model)
     attack = build_attack(args, defended, data, target)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = shard()
     summary = run_jobs(jobs, defended, judge, attack, Path(args.output_dir), settings_of(args, jobs), rank, world)
     if summary["counts"]["done"]:
         print(f"{args.attack} vs {args.defense}: ASR {summary['asr_before']:.1%} -> {summary['asr_after']:.1%} "

@@ -38,6 +38,7 @@ from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, loa
                      threshold_arg, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
+from ldm.erasure.decision import RULES, unflagged_weight
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.calibration import calibrate
 from ldm.erasure.guidance import unguided_latents
@@ -65,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="w for prompts the stability test flags (d(p) > d(\"\")); 1 = base, 0 = adapter")
     p.add_argument("--w2", type=finite, default=2.0,
                    help="w for the other prompts")
+    p.add_argument("--decision", choices=list(RULES), default="release",
+                   help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
+                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
     p.add_argument("--steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps")
     p.add_argument("--seed", type=int, default=2024,
@@ -143,6 +147,7 @@ def _model_with_adapters(args, loras: list, cache: dict):
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     resolve_image_size(args)
+    args.w2 = unflagged_weight(args.decision, args.w2)  # the one w2 every decision below uses
     explicit = bool(args.lora or args.prompts_json or args.prompt or args.diff_results)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     t0 = time.time()
@@ -195,6 +200,7 @@ def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float 
               "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
               "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
               "skip_unrelated": args.skip_unrelated, "decisions": decisions, "threshold": args.threshold,
+              "decision": args.decision,
               "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}
     if decisions == "on_the_fly":
         config.update(t_enc=args.t_enc, repeats=args.repeats, empty_draws=args.empty_draws)

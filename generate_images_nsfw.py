@@ -29,13 +29,11 @@ exp_name gets "_adapters_{K}" (and "_skip_unrelated").
 """
 import argparse
 import csv
-import math
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
@@ -44,6 +42,7 @@ from tqdm.auto import tqdm
 from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
                      write_json)
 from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
+from ldm.erasure.decision import RULES, unflagged_weight
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
@@ -52,6 +51,7 @@ from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, image_complete, save_image, start_noise, to_pil
 from ldm.loader import autocast
+from ldm.prompts import DEFAULT_GUIDANCE, read_rows
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, read_json, shard
 
 # recorded in run_config.json for the reader, not compared on resume: paths (the inputs are compared by content:
@@ -59,107 +59,6 @@ from ldm.runs import check_run_config, folder_lock, model_fingerprint, read_json
 IGNORED_SETTINGS = ("csv_path", "ckpt", "lora", "config")
 FIELDS = ["idx", "case_number", "prompt", "seed", "guidance", "d_prompt", "d_prompt_std", "d_empty", "w",
           "repeats_used", "unet_evals", "seconds"]
-DEFAULT_GUIDANCE = 7.5
-SANE_GUIDANCE = (1.0, 30.0)
-# pandas' default NA strings: the release's read_csv turned these prompts into NaN and skipped them
-NA_STRINGS = {"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
-
-
-# ----------------------------------------------------------------------------------------------- CSV rows
-def _integer(text: str) -> int | None:
-    try:
-        v = Decimal(text.strip())
-    except InvalidOperation:
-        return None
-    return int(v) if v.is_finite() and v == v.to_integral_value() else None
-
-
-def _guidance(text: str) -> tuple[float | None, str]:
-    try:
-        g = float(text)
-    except ValueError:
-        return None, "is not a number"
-    return (g, "") if math.isfinite(g) else (None, "is not finite")
-
-
-def _seed(text: str) -> tuple[int | None, str]:
-    seed = _integer(text)
-    return (seed, "") if seed is not None and seed >= 0 else (None, "is not a non-negative integer")
-
-
-def _optional_number(rec: dict, col: str, present: bool, idx: int, default, default_text: str, parse,
-                     notes: list[str]):
-    """A row's value of an optional numeric column: the default when the cell is empty (noted when the column
-    exists), None when `parse` rejects it (the row is skipped, noted with parse's reason)."""
-    text = rec[col].strip() if present else ""
-    if not text:
-        if present:
-            notes.append(f"row {idx}: {col} missing: using {default_text}")
-        return default
-    value, why = parse(text)
-    if value is None:
-        notes.append(f"row {idx}: skipped: {col} {text!r} {why}")
-    return value
-
-
-def read_rows(csv_path: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
-    """-> (usable rows {idx, case_number, prompt, seed, guidance}, notes about skipped or adjusted rows)."""
-    import pandas as pd
-
-    path = Path(csv_path)
-    if not path.is_file():
-        raise UserError(f"{csv_path}: CSV not found")
-    try:  # everything as text: seeds above 2^53 keep their digits, "" stays "" (not NaN)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise UserError(f"{csv_path}: not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-    if "prompt" not in df.columns:
-        raise UserError(f"{csv_path}: no 'prompt' column (columns: {', '.join(map(str, df.columns[:12]))})")
-    if limit is not None:
-        df = df.iloc[:limit]
-    notes: list[str] = []
-    first = str(df.columns[0])
-    index_col = first if first == "" or first.startswith("Unnamed") else None
-    ids = None
-    for col in [c for c in (index_col, "case_number") if c is not None and c in df.columns]:
-        vals = [_integer(v) for v in df[col]]
-        if all(v is not None and v >= 0 for v in vals) and len(set(vals)) == len(vals):
-            ids = vals
-            break
-        notes.append(f"column {col!r} is not a unique non-negative integer index; not used as the row index")
-    if ids is None:
-        ids = list(range(len(df)))
-    if "evaluation_guidance" not in df.columns:
-        notes.append(f"no 'evaluation_guidance' column: every row uses CFG {DEFAULT_GUIDANCE}")
-    if "evaluation_seed" not in df.columns:
-        notes.append("no 'evaluation_seed' column: every row uses its index as the seed")
-    rows = []
-    has_g, has_s, has_case = ("evaluation_guidance" in df.columns, "evaluation_seed" in df.columns,
-                              "case_number" in df.columns)
-    for k, (idx, rec) in enumerate(zip(ids, df.to_dict("records"))):
-        prompt = rec["prompt"]
-        if not prompt.strip():
-            notes.append(f"row {idx}: skipped: empty prompt")
-            continue
-        if prompt.strip() in NA_STRINGS:
-            notes.append(f"row {idx}: skipped: prompt {prompt!r} is NaN (as pandas, and so the release, reads it)")
-            continue
-        guidance = _optional_number(rec, "evaluation_guidance", has_g, idx, DEFAULT_GUIDANCE, str(DEFAULT_GUIDANCE),
-                                    _guidance, notes)
-        if guidance is None:
-            continue
-        seed = _optional_number(rec, "evaluation_seed", has_s, idx, idx, f"the row index {idx}", _seed, notes)
-        if seed is None:
-            continue
-        if not SANE_GUIDANCE[0] <= guidance <= SANE_GUIDANCE[1]:
-            notes.append(f"row {idx}: unusual evaluation_guidance {guidance:g} (outside {SANE_GUIDANCE}): used as given")
-        if seed >= 2 ** 64:
-            notes.append(f"row {idx}: evaluation_seed {seed} >= 2^64: using seed mod 2^64 = {reduce_seed(seed)}")
-            seed = reduce_seed(seed)
-        rows.append({"idx": idx, "case_number": rec["case_number"] if has_case else "", "prompt": prompt,
-                     "seed": seed, "guidance": guidance, "position": k})
-    return rows, notes
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -235,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
                    help="w for rows the stability test flags (d(p) > d(\"\"))")
     p.add_argument("--w2", type=finite, default=2.0,
                    help="w for the other rows")
+    p.add_argument("--decision", choices=list(RULES), default="release",
+                   help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
+                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
     p.add_argument("--ddim_eta", type=finite, default=0.0,
                    help="DDIM eta (0: deterministic)")
     p.add_argument("--batch_size", type=positive(), default=5, help="CSV rows sampled together")
@@ -287,6 +189,7 @@ def find_lora(args) -> list[Path]:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     resolve_image_size(args)
+    args.w2 = unflagged_weight(args.decision, args.w2)  # the one w2 every decision below uses
     protocol = _protocol(args)
     rank, world = shard()
     out_dir = Path(args.output_dir).resolve()  # the release joined output_dir twice (fact sheet §9.5)

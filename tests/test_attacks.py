@@ -19,9 +19,10 @@ from ldm.erasure.guidance import unguidance_model_fn
 from ldm.erasure.lora import inject_lora
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.targets import select_targets
-from ldm.erasure.unguide import Protocol, decide, fast_diff_table, unguided_latents
+from ldm.erasure.guidance import decide, unguided_latents
+from ldm.erasure.protocols import Protocol, fast_diff_table
 from ldm.images import start_noise
-from ldm.util import load_model_from_config
+from ldm.loader import load_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, CKPT = ROOT / "configs/toy/digits-inference.yaml", ROOT / "models/toy-digits.safetensors"
@@ -123,11 +124,11 @@ def test_unguide_defense_runs_the_generation_code(toy_unguide):
                         image_size=16)
     dec = defended.decide([prompt], [3], [7.5])[0]
     protocol = Protocol("fast", StabilitySettings(10, 5, 7.5, 0.0, False), repeats=4, empty_draws=8)
-    table, empty = fast_diff_table(model, [prompt], protocol, 3, (4, 8, 8))
+    [(table, empty)] = fast_diff_table(model, protocol, (4, 8, 8), [prompt], 3)
     assert dec.d_prompt == [table[prompt].mean] and dec.d_empty == [empty.mean]
     assert dec.w == [decide(table[prompt].mean, empty.mean, -1.0, 2.0)]
     z = defended.latents([prompt], [11], [7.5], [dec])
-    ref = unguided_latents(model, [prompt], start_noise([11], (4, 8, 8), torch.device("cpu")), 7.5, dec.w[0], 10)
+    ref = unguided_latents(model, [prompt], start_noise([11], (4, 8, 8), torch.device("cpu")), 7.5, [dec.w[0]], 10)
     assert torch.equal(z, ref)
 
 
@@ -169,7 +170,7 @@ def test_tokens_round_trip(toy):
 def test_judges_run_offline(tmp_path):
     from PIL import Image
     from ldm.attacks.judges import clip_judge, digits_judge, nudenet_judge
-    from ldm.util import UserError
+    from ldm.errors import UserError
     assert nudenet_judge(0.6)([Image.new("RGB", (64, 64))]) == [False]   # a blank image exposes nothing
     assert digits_judge("a photo of the digit three").protocol["concept"] == "classified as 3"
     with pytest.raises(UserError, match="--clip_model"):

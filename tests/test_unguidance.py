@@ -14,6 +14,7 @@ import torch
 import compute_lora_diff
 import generate_images
 import generate_images_nsfw
+from ldm.prompts import read_rows
 from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint, tiny_model
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
@@ -370,7 +371,7 @@ def test_nsfw_bad_rows(models, tmp_path):
         [8, 'quotes "and"\nnewline ❤️', 4290749014, 7, 8],
         [9, "NaN", 5, 7, 9],                           # NaN prompt (as pandas reads it): skipped
     ])
-    rows, notes = generate_images_nsfw.read_rows(str(tmp_path / "p.csv"))
+    rows, notes = read_rows(str(tmp_path / "p.csv"))
     by = {r["idx"]: r for r in rows}
     assert sorted(by) == [0, 3, 5, 6, 8]
     assert by[3]["guidance"] == 7.5 and by[5]["guidance"] == 255 and by[6]["seed"] == 5
@@ -389,7 +390,7 @@ def test_nsfw_bad_rows(models, tmp_path):
 
 def test_nsfw_missing_guidance_column_and_no_prompt_column(tmp_path):
     write_csv(tmp_path / "a.csv", [[0, "x", 1]], header=("", "prompt", "evaluation_seed"))
-    rows, notes = generate_images_nsfw.read_rows(str(tmp_path / "a.csv"))
+    rows, notes = read_rows(str(tmp_path / "a.csv"))
     assert rows[0]["guidance"] == 7.5 and any("no 'evaluation_guidance' column" in n for n in notes)
     write_csv(tmp_path / "b.csv", [[0, "x"]], header=("", "text"))
     assert exit_code(generate_images_nsfw.main, ["--csv_path", str(tmp_path / "b.csv"),

@@ -12,7 +12,7 @@ from ldm.attacks import ringabell, unlearndiffatk
 from ldm.attacks.tokens import TokenSpace
 from ldm.erasure.lora import adapters_disabled
 from ldm.images import pil_to_tensor
-from ldm.util import UserError
+from ldm.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -42,8 +42,7 @@ def read_target_images(folder: str | Path, size: int) -> list[Image.Image]:
 @torch.no_grad()
 def concept_latents(model, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> scaled latents [N, C, h, w] (the posterior's mode)."""
-    device = model.unet.out[-1].weight.device
-    x = torch.stack([pil_to_tensor(im) for im in images]).to(device=device, dtype=model.unet.out[-1].weight.dtype)
+    x = torch.stack([pil_to_tensor(im) for im in images]).to(device=model.device, dtype=model.dtype)
     return model.encode_first_stage(x, sample=False)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ldm.util import UserError
+from ldm.errors import UserError
 
 
 @dataclass

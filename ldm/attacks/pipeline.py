@@ -5,7 +5,8 @@
     defense "unguide"  the stability test of each adapter (fast protocol, on the fly) then UnGuidance:
                        w_k = rule(d_k(p), d_k(""), w1, w2), eps = CFG_base + sum_k (1 - w_k)(CFG_k - CFG_base)
 
-This is the ONE module that calls the stability test and the UnGuidance sampler (ldm.erasure.unguide); the
+This is the ONE module that calls the stability test and the UnGuidance sampler (ldm.erasure.protocols,
+ldm.erasure.guidance); the
 attacks only see `Defended`. The test's draws are generate_images.py's: d("") from `empty_draws` draws of the
 run's seed (estimate_empty, once per run), d(p) from `repeats` draws of `draw_seed` (the run's seed for a
 prompts JSON, as generate_images.py; the row's seed for a CSV, as generate_images_nsfw.py), trajectory CFG the
@@ -17,9 +18,9 @@ from typing import Sequence
 import torch
 
 from ldm.erasure.decision import Rule, release_rule
-from ldm.erasure.guidance import unguidance_model_fn
+from ldm.erasure.guidance import unguidance_model_fn, unguided_latents
+from ldm.erasure.protocols import Protocol, estimate_empty, fast_prompt_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings
-from ldm.erasure.unguide import Protocol, estimate_empty, fast_prompt_estimates, unguided_latents
 from ldm.images import start_noise, to_pil
 
 DEFENSES = ("base", "adapter", "unguide")
@@ -47,6 +48,7 @@ class Defended:
     w1: float = -1.0
     w2: float = 2.0
     rule: Rule = release_rule
+    threshold: float = 1.0             # flag when d(p) > threshold * d("") (ldm.erasure.calibration)
     _empty: list[Estimate] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -68,8 +70,7 @@ class Defended:
     def empty_estimates(self) -> list[Estimate]:
         """d_k("") of every adapter, once per run (generate_images.py: fast_diff_table's first step)."""
         if self._empty is None:
-            self._empty = estimate_empty(self.model, self.protocol(7.5), self.seed, self.shape,
-                                         adapters=self.adapters)
+            self._empty = estimate_empty(self.model, self.protocol(7.5), self.shape, self.seed, adapters=self.adapters)
         return self._empty
 
     def decide(self, prompts: Sequence[str], draw_seeds: Sequence[int], guidances: Sequence[float]) -> list[Decision]:
@@ -78,19 +79,19 @@ class Defended:
         if self.defense != "unguide":
             return [Decision([], [], [0.0] * k) for _ in prompts]
         empties = self.empty_estimates()
-        est = fast_prompt_estimates(self.model, list(prompts), list(draw_seeds), list(guidances), empties,
-                                    self.protocol(guidances[0]), self.shape, adapters=self.adapters)
+        est = fast_prompt_estimates(self.model, self.protocol(guidances[0]), self.shape, list(prompts),
+                                    list(draw_seeds), list(guidances), empties, adapters=self.adapters)
         out = []
         for i in range(len(prompts)):
             dp = [est[a][i].mean for a in range(k)]
             de = [e.mean for e in empties]
-            out.append(Decision(dp, de, [self.rule(p, e, self.w1, self.w2) for p, e in zip(dp, de)]))
+            out.append(Decision(dp, de, [self.rule(p, e, self.w1, self.w2, self.threshold) for p, e in zip(dp, de)]))
         return out
 
     def latents(self, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
                 decisions: Sequence[Decision]) -> torch.Tensor:
         """UnGuidance DDIM from start_noise(seeds) -> final latents [B, C, h, w]."""
-        device = self.model.unet.out[-1].weight.device
+        device = self.model.device
         ws = [[d.w[a] for d in decisions] for a in range(len(self.adapters))]  # [K][B]
         x_T = start_noise(list(seeds), self.shape, device)
         return unguided_latents(self.model, list(prompts), x_T, list(guidances), ws, self.steps,

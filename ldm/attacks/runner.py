@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.cli import write_json
-from ldm.erasure.unguide import UNetCounter
+from ldm.erasure.budget import UNetCounter
 from ldm.evaluation.common import atomic_write_text
-from ldm.util import UserError
+from ldm.errors import UserError
 
 FIELDS = ["idx", "prompt", "seed", "guidance", "adversarial_prompt", "adv_token_ids", "round_trip",
           "success_before", "success_after", "d_prompt_before", "d_empty", "w_before", "d_prompt_after", "w_after",

@@ -17,28 +17,33 @@ amplification and keeps the base model exactly on every unflagged prompt (so the
 model's accuracy, bit for bit); `floor` also keeps the adapter's own erasure on them (no prompt is drawn with
 less erasure than the adapter alone gives), at the cost of the adapter's collateral damage on unflagged
 prompts (w = 0 is the adapter alone, which the preservation term keeps small). Ties go to "unflagged", as in
-the release (ldm.erasure.guidance.decide_w).
+the release (ldm.erasure.guidance.decide). Every rule takes the stability test's threshold (1: the release's;
+a calibrated one: ldm.erasure.calibration).
 """
 from typing import Callable
 
-Rule = Callable[[float, float, float, float], float]  # (d_prompt, d_empty, w1, w2) -> w
+from ldm.erasure.guidance import decide
+
+Rule = Callable[..., float]  # (d_prompt, d_empty, w1, w2, threshold=1.0) -> w
+
+UNFLAGGED_CAP = {"release": None, "safe": 1.0, "floor": 0.0}  # the most an unflagged prompt's w may be
 
 
-def release_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
-    """The release's rule: w1 when flagged, else w2."""
-    return w1 if float(d_prompt) > float(d_empty) else w2
+def unflagged_weight(rule: str, w2: float) -> float:
+    """The w an unflagged prompt gets under `rule`: w2 (release), min(w2, 1) (safe), min(w2, 0) (floor)."""
+    cap = UNFLAGGED_CAP[rule]
+    return w2 if cap is None else min(w2, cap)
 
 
-def safe_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
-    """w1 when flagged, else the base model at most (w2 capped at 1: no amplification of the concept)."""
-    return w1 if float(d_prompt) > float(d_empty) else min(w2, 1.0)
+def _rule(name: str) -> Rule:
+    def rule(d_prompt: float, d_empty: float, w1: float, w2: float, threshold: float = 1.0) -> float:
+        return decide(d_prompt, d_empty, w1, unflagged_weight(name, w2), threshold)
+    rule.__name__ = f"{name}_rule"
+    rule.__doc__ = f"w1 when d(p) > threshold * d(\"\"), else unflagged_weight({name!r}, w2)."
+    return rule
 
 
-def floor_rule(d_prompt: float, d_empty: float, w1: float, w2: float) -> float:
-    """w1 when flagged, else the adapter alone at most (w2 capped at 0: the adapter's erasure as a floor)."""
-    return w1 if float(d_prompt) > float(d_empty) else min(w2, 0.0)
-
-
+release_rule, safe_rule, floor_rule = _rule("release"), _rule("safe"), _rule("floor")
 RULES: dict[str, Rule] = {"release": release_rule, "safe": safe_rule, "floor": floor_rule}
 
 

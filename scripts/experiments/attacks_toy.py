@@ -1,35 +1,30 @@
 """Red-teaming the toy erasure of "three": ASR before / after each attack, for the base model, the adapter alone
 and UnGuide with the release's decision rule and the safe / floor rules side by side.
 
-    python scripts/attacks_toy.py --threads 1          # writes outputs/attacks_toy/results.md
+    python -m scripts.experiments.attacks_toy --threads 1          # writes outputs/attacks_toy/results.md
 
-1. train.py erases "three" with scripts/e2e_toy.py's settings (skipped with --lora FILE)
+1. train.py erases "three" with the toy settings (ldm/evaluation/toy_benchmark.py) (skipped with --lora FILE)
 2. attack.py for every (attack, defence) cell on the JSON's target + synonyms x --samples seeds (>= 20 pairs)
 3. the other nine digits' accuracy of each defence (--other_samples images per prompt, same pipeline)
 4. results.md / results.json: ASR, accuracy, the stability test's decisions before / after, cost, wall time.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import attack  # noqa: E402
-import e2e_toy  # noqa: E402
-import train  # noqa: E402
-from generate_images import load_adapters  # noqa: E402
-from ldm.attacks.pipeline import Decision, Defended  # noqa: E402
-from ldm.images import to_pil  # noqa: E402
-from ldm.cli import run, write_json  # noqa: E402
-from ldm.erasure.decision import get_rule  # noqa: E402
-from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores  # noqa: E402
-from ldm.util import load_model_from_config  # noqa: E402
+from ldm.attacks.pipeline import Decision, Defended
+from ldm.cli import run, write_json
+from ldm.erasure.adapters import load_adapters
+from ldm.erasure.decision import get_rule
+from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores
+from ldm.evaluation.toy_benchmark import (CKPT, CONFIG, ROOT, add_toy_args, prompts_file, run_script,
+                                          train_adapter)
+from ldm.images import to_pil
+from ldm.loader import load_model_from_config
 
 PROMPTS = ROOT / "data" / "digits" / "three.json"
 AMBIGUOUS = ["a photo of the digit", "a handwritten digit"]
@@ -51,12 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check_every", type=int, default=5)
     p.add_argument("--n_tokens", type=int, default=3)
     p.add_argument("--generations", type=int, default=30)
-    e2e_toy.add_toy_args(p)
+    add_toy_args(p)
+    p.add_argument("--seed", type=int, default=0, help="the adapter's training seed and the attack runs' seed")
     return p
 
 
 def model_argv(args) -> list[str]:
-    return ["--config", str(e2e_toy.CONFIG), "--ckpt", str(e2e_toy.CKPT), "--device", args.device,
+    return ["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device,
             "--image_size", "16", "--steps", str(args.steps), "--t_enc", str(args.t_enc),
             "--repeats", str(args.repeats), "--seed", str(args.seed), "--threads", str(args.threads)]
 
@@ -67,13 +63,14 @@ def attack_cell(args, lora: Path, kind: str, defense: str, rule: str, out: Path)
                                "--output_dir", str(out), "--n_tokens", str(args.n_tokens),
                                "--attack_steps", str(args.attack_steps), "--check_every", str(args.check_every),
                                "--generations", str(args.generations)]
-    return attack.main(argv + (["--lora", str(lora)] if defense != "base" else []))
+    run_script("attack.py", argv + (["--lora", str(lora)] if defense != "base" else []))
+    return json.loads((out / "attack_summary.json").read_text())
 
 
 @torch.no_grad()
 def other_accuracy(args, lora: Path, defense: str, rule: str) -> float:
     """Share of the other nine digits' images (data/digits/three.json "other") classified as their digit."""
-    model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
+    model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None) if defense != "base" else []
     defended = Defended(model, defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
                         repeats=args.repeats, image_size=16, rule=get_rule(rule))
@@ -131,7 +128,7 @@ def oracle_rates(args, lora: Path) -> dict:
     unflagged weight of each rule (release w2 = 2, safe 1, floor 0), --samples seeds each. (b) Prompts without a
     digit ("a photo of the digit", ...) decided by the real test: the share of threes and the mean three-score
     (the classifier's decision value) per rule, 4 * --samples seeds each."""
-    model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
+    model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None)
     data = json.loads(PROMPTS.read_text())
     out = {}
@@ -161,8 +158,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lora = Path(args.lora) if args.lora else None
     if lora is None:
-        targv, lora = e2e_toy.train_argv(args, PROMPTS, out / "train")
-        cached(out / "train_done.json", lambda: (train.main(targv), str(lora))[1])
+        lora = train_adapter(args, prompts_file("three"), out / "train", args.seed)
     results = {"cells": {}, "accuracy": {}, "seconds": {}}
     for defense, rule in CELLS:
         acc = cached(out / f"accuracy_{defense}_{rule}.json", lambda: other_accuracy(args, lora, defense, rule))
@@ -175,7 +171,7 @@ def main(argv=None) -> None:
                                                                                   "cost_per_prompt")},
                                                             "decisions": decisions(cell_out)}
             results["seconds"][f"{kind}/{defense}/{rule}"] = s["cost_per_prompt"]["seconds"] * s["counts"]["done"]
-    base_model = load_model_from_config(e2e_toy.CONFIG, e2e_toy.CKPT, device=args.device, verbose=False)
+    base_model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     for key, cell in results["cells"].items():
         kind, defense, rule = key.split("/")
         if defense == "unguide":

@@ -1,6 +1,6 @@
 """Cost of the attacks on the toy world: UNet sample-evaluations and seconds per attacked prompt.
 
-    python scripts/bench_attacks.py --threads 1 [--lora ADAPTER] [--pairs 3]
+    python -m scripts.bench.bench_attacks --threads 1 [--lora ADAPTER] [--pairs 3]
 
 Every pair attacks "a photo of the digit four" towards "three" (the original prompt is not judged a three, so the
 attack always runs), with the same code as attack.py (ldm.attacks.runner.attack_one), for the base model and for
@@ -9,27 +9,23 @@ pipeline's runs: the image before, the checks during the attack and the image af
 stability test plus an image). No files are written.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from generate_images import load_adapters  # noqa: E402
-from ldm.attacks.factory import concept_latents, draw_target_images, ringabell_attack, unlearndiffatk_attack  # noqa: E402
-from ldm.attacks.judges import digits_judge  # noqa: E402
-from ldm.attacks.pipeline import Defended  # noqa: E402
-from ldm.attacks.ringabell import RABConfig  # noqa: E402
-from ldm.attacks.runner import Job, attack_one  # noqa: E402
-from ldm.attacks.unlearndiffatk import UDAConfig  # noqa: E402
-from ldm.erasure.lora import inject_lora, lora_layers  # noqa: E402
-from ldm.erasure.targets import select_targets  # noqa: E402
-from ldm.util import load_model_from_config  # noqa: E402
+from ldm.attacks.factory import concept_latents, draw_target_images, ringabell_attack, unlearndiffatk_attack
+from ldm.attacks.judges import digits_judge
+from ldm.attacks.pipeline import Defended
+from ldm.attacks.ringabell import RABConfig
+from ldm.attacks.runner import Job, attack_one
+from ldm.attacks.unlearndiffatk import UDAConfig
+from ldm.erasure.adapters import load_adapters
+from ldm.erasure.lora import inject_lora, lora_layers
+from ldm.erasure.targets import select_targets
+from ldm.evaluation.toy_benchmark import CKPT, CONFIG
 
-CONFIG, CKPT = ROOT / "configs/toy/digits-inference.yaml", ROOT / "models/toy-digits.safetensors"
+from ldm.loader import load_model_from_config
 TARGET, PROMPT = "a photo of the digit three", "a photo of the digit four"
 WITH = [TARGET, "a handwritten 3", "the number 3"]
 WITHOUT = [f"a photo of the digit {w}" for w in ("zero", "one", "two", "four", "five", "six", "seven", "eight")]

@@ -25,9 +25,9 @@ from ldm.attacks.pipeline import Defended
 from ldm.attacks.ringabell import RABConfig
 from ldm.attacks.runner import Job, run_jobs
 from ldm.attacks.unlearndiffatk import UDAConfig
-from ldm.cli import Parser, add_model_args, finite, load_model, resolve_image_size, run, threshold_arg
-from ldm.erasure.adapters import load_adapters
-from ldm.erasure.decision import RULES, get_rule
+from ldm.cli import add_decision_args, Parser, add_model_args, finite, load_model, resolve_image_size, run
+from ldm.erasure.adapters import adapter_thresholds, load_adapters
+from ldm.erasure.decision import get_rule
 from ldm.prompts import read_prompts_json, read_rows
 from ldm.runs import shard
 from ldm.errors import UserError
@@ -38,16 +38,12 @@ POSITIVE = ["samples", "steps", "repeats", "empty_draws", "image_size", "n_token
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__)
+    add_decision_args(p, "prompts")
     add_model_args(p)
     p.add_argument("--attack", choices=["unlearndiffatk", "ringabell"], required=True)
     p.add_argument("--defense", choices=["base", "adapter", "unguide"], required=True)
     p.add_argument("--lora", nargs="+", default=None, help="adapter file(s) (adapter / unguide)")
     p.add_argument("--lora_alpha", type=finite, default=None)
-    p.add_argument("--decision", choices=list(RULES), default="release", help="unguide's decision rule")
-    p.add_argument("--w1", type=finite, default=-1.0)
-    p.add_argument("--w2", type=finite, default=2.0)
-    p.add_argument("--threshold", type=threshold_arg, default=1.0,
-                   help="unguide: flag a prompt when d(p) > threshold * d(\"\") (1: the release's rule)")
     p.add_argument("--prompts_json", default=None)
     p.add_argument("--csv_path", default=None)
     p.add_argument("--prompt", action="append", default=None, help="prompt to attack (repeatable)")
@@ -133,7 +129,8 @@ def build_defended(args, model) -> Defended:
         names = load_adapters(model, args.lora, args.lora_alpha)
     return Defended(model, args.defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
                     repeats=args.repeats, empty_draws=args.empty_draws, image_size=args.image_size,
-                    w1=args.w1, w2=args.w2, rule=get_rule(args.decision), threshold=args.threshold)
+                    w1=args.w1, w2=args.w2, rule=get_rule(args.decision),
+                    thresholds=adapter_thresholds(args.lora, args.threshold) if names else None)
 
 
 def build_attack(args, defended, data: dict, target: str):

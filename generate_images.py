@@ -34,11 +34,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
-                     threshold_arg, write_json)
+from ldm.cli import (add_decision_args, ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+                     write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
-from ldm.erasure.decision import RULES, unflagged_weight
+from ldm.erasure.decision import unflagged_weight
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.calibration import calibrate
 from ldm.erasure.guidance import unguided_latents
@@ -57,18 +57,12 @@ def _images_of(img_root: Path) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__)
+    add_decision_args(p, "prompts")
     add_model_args(p, ckpt_default="models/sd-v1-4-full-ema.ckpt")
     p.add_argument("--output_dir", default="cat",
                    help="experiment mode: the folder of experiments; explicit mode: where images/ and the records go")
     p.add_argument("--samples", type=positive(), default=50,
                    help="images per prompt")
-    p.add_argument("--w1", type=finite, default=-1.0,
-                   help="w for prompts the stability test flags (d(p) > d(\"\")); 1 = base, 0 = adapter")
-    p.add_argument("--w2", type=finite, default=2.0,
-                   help="w for the other prompts")
-    p.add_argument("--decision", choices=list(RULES), default="release",
-                   help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
-                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
     p.add_argument("--steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps")
     p.add_argument("--seed", type=int, default=2024,
@@ -86,10 +80,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="explicit mode: a prompt (repeatable)")
     p.add_argument("--diff_results", nargs="+", default=None,
                    help="explicit mode: calc_diff_results.json, one per --lora file (same order)")
-    p.add_argument("--threshold", type=threshold_arg, default=1.0,
-                   help="flag a prompt when d(p) > threshold * d(\"\"): 1 is the release's rule; auto: the "
-                        "threshold calibrated on the adapter's own prompts (compute_lora_diff.py's, or the on-the-fly "
-                        "test's over --prompts_json's groups)")
     p.add_argument("--skip_unrelated", action="store_true",
                    help="adapters decided w2 (unrelated to the prompt) get w = 1: not evaluated")
     p.add_argument("--repeats", type=positive(), default=10, help="on-the-fly test: draws of d(p)")

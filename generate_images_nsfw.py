@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import (ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
+from ldm.cli import (add_decision_args, ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
                      write_json)
-from ldm.erasure.adapters import adapter_fingerprints, check_distinct, decide_pairs, load_adapters, skip_unrelated
-from ldm.erasure.decision import RULES, unflagged_weight
+from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
+                                  skip_unrelated)
+from ldm.erasure.decision import unflagged_weight
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
@@ -70,6 +71,8 @@ def experiment_name(args) -> str:
         name += f"_adapters_{len(args.lora)}"
     if getattr(args, "skip_unrelated", False):
         name += "_skip_unrelated"
+    if args.threshold != 1.0:
+        name += f"_threshold_{args.threshold}"
     return name
 
 
@@ -113,6 +116,7 @@ def merge_decisions(log_dir: Path, img_dir: Path, expected: set[int], force: boo
 # ----------------------------------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__)
+    add_decision_args(p, "rows")
     add_model_args(p)
     p.add_argument("--csv_path", default="data/I2P_prompts_4703.csv",
                    help="prompts CSV: prompt, evaluation_seed, evaluation_guidance, case_number")
@@ -130,13 +134,6 @@ def parser() -> argparse.ArgumentParser:
                    help="DDIM steps of the image and of the test")
     p.add_argument("--t_enc", type=int, default=40,
                    help="stability test: the partial trajectory stops at DDIM index t_enc")
-    p.add_argument("--w1", type=finite, default=-1.0,
-                   help="w for rows the stability test flags (d(p) > d(\"\"))")
-    p.add_argument("--w2", type=finite, default=2.0,
-                   help="w for the other rows")
-    p.add_argument("--decision", choices=list(RULES), default="release",
-                   help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
-                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
     p.add_argument("--ddim_eta", type=finite, default=0.0,
                    help="DDIM eta (0: deterministic)")
     p.add_argument("--batch_size", type=positive(), default=5, help="CSV rows sampled together")
@@ -230,8 +227,9 @@ def _resume_and_sample(args, protocol: Protocol, loras: list[Path], fixed_w: flo
         return
     model, device = load_model(args)
     job = _Run(model, device, model.latent_shape(args.image_size), load_adapters(model, loras, args.alpha), protocol,
-               args, fixed_w)
-    run_config.update(base=model_fingerprint(model), adapters=adapter_fingerprints(model, job.names))
+               args, fixed_w, thresholds=adapter_thresholds(loras, args.threshold))
+    run_config.update(base=model_fingerprint(model), adapters=adapter_fingerprints(model, job.names),
+                      thresholds=job.thresholds)
     check_run_config(log_dir, run_config, ignore=IGNORED_SETTINGS)  # the weights themselves, by content
     _prepare_logs(log_dir, img_dir, run_config, notes, rank)
     write_csv_atomic(shard_file, [kept[i] for i in sorted(kept)])
@@ -267,7 +265,7 @@ def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
             "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
             "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
             "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision,
-            "image_format": _image_format(args)}
+            "image_format": _image_format(args), "decision": args.decision}
 
 
 def _image_format(args) -> str:
@@ -298,6 +296,7 @@ class _Run:
     args: argparse.Namespace
     fixed_w: float | None                     # --w1 == --w2: no stability test
     d_empty: list[Estimate] | None = None     # fast protocol: d("") per adapter, once per run
+    thresholds: list[float] | None = None     # per adapter: flag when d(p) > threshold * d("")
 
 
 def _decide_rows(job: _Run, batch: list[dict]) -> tuple[list[list], list[list[float]]]:
@@ -309,7 +308,7 @@ def _decide_rows(job: _Run, batch: list[dict]) -> tuple[list[list], list[list[fl
     est = row_estimates(job.model, job.protocol, job.shape, [r["prompt"] for r in batch], [r["seed"] for r in batch],
                         [r["guidance"] for r in batch], job.d_empty, job.names)
     pairs = [list(row) for row in zip(*est)]
-    ws = [decide_pairs(row, args.w1, args.w2) for row in pairs]
+    ws = [decide_pairs(row, args.w1, args.w2, job.thresholds) for row in pairs]
     if args.skip_unrelated:
         ws = [skip_unrelated(row, args.w2) for row in ws]
     return pairs, ws

@@ -42,6 +42,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+def add_decision_args(p: argparse.ArgumentParser, unit: str = "prompts") -> None:
+    """UnGuidance's decision flags, the same in every script that samples: eps = w CFG_base + (1 - w) CFG_adapted with
+    w = w1 for flagged `unit` (d(p) > threshold d("")) and the --decision rule's unflagged weight for the rest."""
+    from ldm.erasure.decision import RULES
+    g = p.add_argument_group("UnGuidance's decision")
+    g.add_argument("--w1", type=finite, default=-1.0,
+                   help=f"w for {unit} the stability test flags; 1 = the base model, 0 = the adapter alone")
+    g.add_argument("--w2", type=finite, default=2.0, help=f"w for the other {unit}")
+    g.add_argument("--decision", choices=list(RULES), default="release",
+                   help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
+                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
+    g.add_argument("--threshold", type=threshold_arg, default=1.0,
+                   help="flag when d(p) > threshold * d(\"\"): 1 is the release's rule; auto: the threshold "
+                        "calibrated on the adapter's own prompts (compute_lora_diff.py's calibration)")
+
+
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",
                    config_default: str = "configs/stable-diffusion/v1-inference.yaml",
                    ckpt_default: str = "models/sd-v1-4.ckpt") -> None:

@@ -31,14 +31,6 @@ PROMPTS = ["a photo of the cat", "a red car on a road", "a dog and a cat", "a bo
 DECIDE = {PROMPTS[0]: (-1.0, 2.0), PROMPTS[1]: (2.0, -1.0), PROMPTS[2]: (-1.0, -1.0), PROMPTS[3]: (2.0, 2.0)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(base model, ckpt, [adapter a, adapter b])."""

@@ -20,14 +20,6 @@ from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard, te
 STEPS, SIZE = 3, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")

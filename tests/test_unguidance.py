@@ -33,14 +33,6 @@ SEEDS = [4261553411, 7, 2 ** 32 - 1]
 GUIDANCE = [13.0, 7.0, 1.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is 20-40x faster single-threaded on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def _add_adapter(model, seed=1, scale=0.05):
     inject_lora(model.unet, select_targets(model.unet), 1, 8.0)
     return randomize_adapters(model, seed, scale)

@@ -48,7 +48,7 @@ class Defended:
     w1: float = -1.0
     w2: float = 2.0
     rule: Rule = release_rule
-    threshold: float = 1.0             # flag when d(p) > threshold * d("") (ldm.erasure.calibration)
+    thresholds: list[float] | None = None  # per adapter: flag when d(p) > threshold * d("") (None: 1, the release's)
     _empty: list[Estimate] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -85,7 +85,8 @@ class Defended:
         for i in range(len(prompts)):
             dp = [est[a][i].mean for a in range(k)]
             de = [e.mean for e in empties]
-            out.append(Decision(dp, de, [self.rule(p, e, self.w1, self.w2, self.threshold) for p, e in zip(dp, de)]))
+            taus = self.thresholds or [1.0] * k
+            out.append(Decision(dp, de, [self.rule(p, e, self.w1, self.w2, tau) for p, e, tau in zip(dp, de, taus)]))
         return out
 
     def latents(self, prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],

@@ -97,6 +97,21 @@ def skip_unrelated(ws: list[float], w2: float) -> list[float]:
     return [1.0 if v == w2 else v for v in ws]
 
 
+def adapter_thresholds(paths: Sequence, threshold: float | str) -> list[float]:
+    """--threshold per adapter file: the number for each, or "auto": each adapter's calibrated threshold, from the
+    calc_diff_results.json of its experiment folder (<experiment>/models/lora.* -> <experiment>/calc_diff_results.json)."""
+    if threshold != "auto":
+        return [float(threshold)] * len(paths)
+    out = []
+    for path in map(Path, paths):
+        results = path.resolve().parent.parent / "calc_diff_results.json"
+        if not results.is_file():
+            raise UserError(f"--threshold auto: no {results} for {path} (run compute_lora_diff.py --output_dir "
+                            f"{results.parent} first, or give --threshold a number)")
+        out.append(threshold_of(read_json(results, "diff results"), "auto", str(results)))
+    return out
+
+
 def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str,
                    threshold: float | str = 1.0) -> dict[str, float]:
     """{prompt: w} of one adapter from its calc_diff_results.json (compute_lora_diff.py); UserError naming

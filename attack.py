@@ -25,7 +25,7 @@ from ldm.attacks.pipeline import Defended
 from ldm.attacks.ringabell import RABConfig
 from ldm.attacks.runner import Job, run_jobs
 from ldm.attacks.unlearndiffatk import UDAConfig
-from ldm.cli import add_decision_args, Parser, add_model_args, finite, load_model, resolve_image_size, run
+from ldm.cli import Parser, add_decision_args, add_model_args, finite, load_model, resolve_image_size, run
 from ldm.erasure.adapters import adapter_thresholds, load_adapters
 from ldm.erasure.decision import get_rule
 from ldm.prompts import read_prompts_json, read_rows

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm.cli import ddim_steps_arg, add_model_args, finite, load_model, Parser, positive, resolve_image_size, run
+from ldm.cli import Parser, add_model_args, ddim_steps_arg, finite, load_model, positive, resolve_image_size, run
 from ldm.erasure.budget import UNetCounter, evals_per_draw
 from ldm.erasure.guidance import decide
 from ldm.erasure.calibration import calibrate

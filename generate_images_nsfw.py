@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import (add_decision_args, ddim_steps_arg, add_model_args, finite, image_autocast, load_model, Parser, positive, resolve_image_size, run,
-                     write_json)
+from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, finite, image_autocast, load_model,
+                     positive, resolve_image_size, run, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
                                   skip_unrelated)
 from ldm.erasure.decision import unflagged_weight

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import ddim_steps_arg, Parser, finite, add_model_args, load_model, positive, resolve_image_size, run
+from ldm.cli import Parser, add_model_args, ddim_steps_arg, finite, load_model, positive, resolve_image_size, run
 from ldm.erasure.io import save_adapter
 from ldm.erasure.lora import inject_lora, lora_state_dict
 from ldm.erasure.objective import UnGuideObjective, encode_prompts

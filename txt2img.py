@@ -5,7 +5,7 @@
 import re
 from pathlib import Path
 
-from ldm.cli import ddim_steps_arg, add_model_args, finite, load_model, Parser, positive, run
+from ldm.cli import Parser, add_model_args, ddim_steps_arg, finite, load_model, positive, run
 from ldm.images import save_image
 from ldm.sampling import txt2img
 

@@ -69,7 +69,8 @@ def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ck
     g.add_argument(ckpt_flag, other[ckpt_flag], dest="ckpt", default=ckpt_default,
                    help="SD v1.x checkpoint (.ckpt or .safetensors) or a diffusers model folder")
     g.add_argument("--unet_weights", default=None,
-                   help="a UNet state dict (diffusers or CompVis layout, e.g. ESD's published files) replacing the UNet")
+                   help="a UNet state dict (diffusers or CompVis layout, e.g. ESD's published files) to replace the "
+                        "checkpoint's UNet")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights' dtype for sampling (fp16 needs CUDA)")

@@ -50,7 +50,7 @@ def load_adapters(model, paths: list, alpha: float | None) -> list[str]:
         ranks.append({t: getattr(layers[t], info.name).rank for t in info.targets})
         names.append(info.name)
         (fingerprint,) = adapter_fingerprints(model, [info.name])
-        if fingerprint in seen:  # the same tensors under other bytes (a retrain with the same seed, .pth vs .safetensors)
+        if fingerprint in seen:  # the same tensors under other bytes (a retrain with the same seed; .pth vs .safetensors)
             raise UserError(f"adapters {seen[fingerprint]} and {path} hold the same tensors: give each adapter once")
         seen[fingerprint] = path
     for i in range(len(paths)):
@@ -99,7 +99,7 @@ def skip_unrelated(ws: list[float], w2: float) -> list[float]:
 
 def adapter_thresholds(paths: Sequence, threshold: float | str) -> list[float]:
     """--threshold per adapter file: the number for each, or "auto": each adapter's calibrated threshold, from the
-    calc_diff_results.json of its experiment folder (<experiment>/models/lora.* -> <experiment>/calc_diff_results.json)."""
+    calc_diff_results.json of its experiment folder (<exp>/models/lora.* -> <exp>/calc_diff_results.json)."""
     if threshold != "auto":
         return [float(threshold)] * len(paths)
     out = []

@@ -70,8 +70,8 @@ def main(argv=None) -> None:
             lora = train_adapter(args, path, out / digit / "train", train_seed)
             train_secs = time.time() - t0
             for test_seed in args.test_seeds:
-                r = evaluate(args, digit, path, lora, out / digit / f"train{train_seed}" / f"test{test_seed}",
-                             test_seed)
+                folder = out / digit / f"train{train_seed}" / f"test{test_seed}_n{args.samples}"  # keyed by what made it
+                r = evaluate(args, digit, path, lora, folder, test_seed)
                 results["runs"].append({"digit": digit, "train_seed": train_seed, "test_seed": test_seed,
                                         "train_seconds": train_secs, **r})
     results["seconds"] = time.time() - t_all
@@ -103,7 +103,7 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
     for way, (w1, w2) in WAYS.items():
         target = folder / way
         if way == "base":  # the base model does not depend on the adapter: one folder per test seed
-            target = folder.parent.parent / f"base_test{seed}"
+            target = folder.parent.parent / f"base_{folder.name}"
         if not (target / "run_summary.json").is_file():  # written by generate_images.py when it finished
             shutil.rmtree(target, ignore_errors=True)
             run_script("generate_images.py", generate_argv(args, target, args.samples, seed * 1000)

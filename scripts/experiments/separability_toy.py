@@ -55,34 +55,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     lora = {d: train_adapter(args, prompts_file(d), out / "train", args.seed) for d in (a, b)}
     train_secs = time.time() - t0
-
     prompts = [f"a photo of the digit {n}" for n in NAMES]
-    configs = {
-        "base": ("base model", [], ["--w1", "1", "--w2", "1"]),
-        "both": (f"{a} + {b}, UnGuide", [lora[a], lora[b]], []),
-        "both_skip": (f"{a} + {b}, UnGuide, --skip_unrelated", [lora[a], lora[b]], ["--skip_unrelated"]),
-        f"only_{a}": (f"{a} alone ({b} removed), UnGuide", [lora[a]], []),
-        f"only_{b}": (f"{b} alone ({a} removed), UnGuide", [lora[b]], []),
-    }
-    if args.oracle:
-        oracle = {}
-        for d in (a, b):  # w1 on the adapter's own digit only: d(p) = 2 there, 0.5 elsewhere, d("") = 1
-            oracle[d] = out / f"oracle_diff_{d}.json"
-            write_json(oracle[d], {"prompt_avgs": {**{p: (2.0 if p.endswith(" " + d) else 0.5) for p in prompts},
-                                                   "": 1.0}})
-        configs.update({
-            "both_oracle": (f"{a} + {b}, oracle decisions", [lora[a], lora[b]],
-                            ["--diff_results", str(oracle[a]), str(oracle[b])]),
-            "both_oracle_skip": (f"{a} + {b}, oracle decisions, --skip_unrelated", [lora[a], lora[b]],
-                                 ["--diff_results", str(oracle[a]), str(oracle[b]), "--skip_unrelated"]),
-            f"only_{a}_oracle": (f"{a} alone ({b} removed), oracle decisions", [lora[a]],
-                                 ["--diff_results", str(oracle[a])]),
-            f"only_{b}_oracle": (f"{b} alone ({a} removed), oracle decisions", [lora[b]],
-                                 ["--diff_results", str(oracle[b])]),
-        })
     results = {"digits": [a, b], "samples": args.samples, "adapters": {d: str(p) for d, p in lora.items()},
                "train_seconds": train_secs, "configs": {}}
-    for key, (label, files, extra) in configs.items():
+    for key, (label, files, extra) in configurations(args, a, b, lora, prompts, out).items():
         folder = out / key
         if folder.exists():
             shutil.rmtree(folder)  # a fresh run: the timings and counts are this run's
@@ -91,48 +67,75 @@ def main(argv=None) -> None:
                    + sum([["--prompt", p] for p in prompts], []) + (["--lora", *map(str, files)] if files else [])
                    + extra)
         stats = json.loads((folder / "run_summary.json").read_text())
-        secs = time.time() - t1
         res = digit_rates(folder / "images")
         results["configs"][key] = {"label": label, "adapters": [str(f) for f in files], **summarise(res, a, b),
-                                   "seconds": secs, "generate": stats, "folders": res["folders"]}
-
-    base = results["configs"]["base"]
-    checks = {
-        f"{a} erased with both": results["configs"]["both"][f"rate_{a}"] < base[f"rate_{a}"] - 0.5,
-        f"{b} erased with both": results["configs"]["both"][f"rate_{b}"] < base[f"rate_{b}"] - 0.5,
-        f"{a} back when its adapter is removed (within 2 points of base)":
-            abs(results["configs"][f"only_{b}"][f"rate_{a}"] - base[f"rate_{a}"]) <= 0.02,
-        f"{b} back when its adapter is removed (within 2 points of base)":
-            abs(results["configs"][f"only_{a}"][f"rate_{b}"] - base[f"rate_{b}"]) <= 0.02,
-    }
-    if args.oracle:
-        c = results["configs"]
-        checks.update({
-            f"oracle: {a} erased with both": c["both_oracle"][f"rate_{a}"] < base[f"rate_{a}"] - 0.5,
-            f"oracle: {b} erased with both": c["both_oracle"][f"rate_{b}"] < base[f"rate_{b}"] - 0.5,
-            f"oracle: {a} back when its adapter is removed (within 2 points of base)":
-                abs(c[f"only_{b}_oracle"][f"rate_{a}"] - base[f"rate_{a}"]) <= 0.02,
-            f"oracle: {b} back when its adapter is removed (within 2 points of base)":
-                abs(c[f"only_{a}_oracle"][f"rate_{b}"] - base[f"rate_{b}"]) <= 0.02,
-        })
-    results["checks"] = checks
-    table = [f"| configuration | {a} rate on its prompt | {b} rate on its prompt | accuracy on the other 8 digits "
-             "| UNet evals / image (sampling + test) | seconds |", "|---|---|---|---|---|---|"]
-    for key, r in results["configs"].items():
-        g = r["generate"]
-        n = max(g["images"], 1)
-        table.append(f"| {r['label']} | {r[f'rate_{a}']:.1%} | {r[f'rate_{b}']:.1%} | {r['other_accuracy']:.1%} | "
-                     f"{g['sample_evals'] / n:.0f} + {g['test_evals'] / n:.1f} | {r['seconds']:.0f} |")
-    text = (f"Erasing `{a}` and `{b}` from the toy-digits model with two rank-1 adapters loaded together: "
-            f"{args.samples} images per prompt (ten prompts \"a photo of the digit <name>\"), DDIM {args.steps}, "
-            f"CFG 7.5, w1 -1, w2 2, stability test on the fly ({args.repeats} repeats, t_enc {args.t_enc}); "
-            f"training {train_secs:.0f} s (0: adapters reused).\n\n" + "\n".join(table) + "\n\n"
-            + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()) + "\n")
+                                   "seconds": time.time() - t1, "generate": stats, "folders": res["folders"]}
+    results["checks"] = checks(results["configs"], a, b, args.oracle)
+    text = report(results, args, a, b)
     (out / "results.md").write_text(text)
     write_json(out / "results.json", results)
     write_json(out / "run_config.json", vars(args))
     print(text)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+
+
+def configurations(args, a: str, b: str, lora: dict, prompts: list[str], out: Path) -> dict:
+    """{key: (label, adapter files, extra generate_images.py flags)}: the base model, both adapters (with and without
+    --skip_unrelated), each alone; with args.oracle, the same with oracle decisions (--diff_results files giving w1
+    on the adapter's own digit's prompt only: d(p) = 2 there, 0.5 elsewhere, d("") = 1)."""
+    configs = {
+        "base": ("base model", [], ["--w1", "1", "--w2", "1"]),
+        "both": (f"{a} + {b}, UnGuide", [lora[a], lora[b]], []),
+        "both_skip": (f"{a} + {b}, UnGuide, --skip_unrelated", [lora[a], lora[b]], ["--skip_unrelated"]),
+        f"only_{a}": (f"{a} alone ({b} removed), UnGuide", [lora[a]], []),
+        f"only_{b}": (f"{b} alone ({a} removed), UnGuide", [lora[b]], []),
+    }
+    if not args.oracle:
+        return configs
+    oracle = {}
+    for d in (a, b):
+        oracle[d] = out / f"oracle_diff_{d}.json"
+        write_json(oracle[d], {"prompt_avgs": {**{p: (2.0 if p.endswith(" " + d) else 0.5) for p in prompts}, "": 1.0}})
+    both = ["--diff_results", str(oracle[a]), str(oracle[b])]
+    configs.update({
+        "both_oracle": (f"{a} + {b}, oracle decisions", [lora[a], lora[b]], both),
+        "both_oracle_skip": (f"{a} + {b}, oracle decisions, --skip_unrelated", [lora[a], lora[b]],
+                             both + ["--skip_unrelated"]),
+        f"only_{a}_oracle": (f"{a} alone ({b} removed), oracle decisions", [lora[a]], ["--diff_results", str(oracle[a])]),
+        f"only_{b}_oracle": (f"{b} alone ({a} removed), oracle decisions", [lora[b]], ["--diff_results", str(oracle[b])]),
+    })
+    return configs
+
+
+def checks(c: dict, a: str, b: str, oracle: bool) -> dict[str, bool]:
+    """Both digits erased together (50 points under the base model) and each back within 2 points when its adapter
+    is removed; the same with oracle decisions."""
+    base, out = c["base"], {}
+    for tag, suffix in [("", "")] + ([("oracle: ", "_oracle")] if oracle else []):
+        out.update({
+            f"{tag}{a} erased with both": c[f"both{suffix}"][f"rate_{a}"] < base[f"rate_{a}"] - 0.5,
+            f"{tag}{b} erased with both": c[f"both{suffix}"][f"rate_{b}"] < base[f"rate_{b}"] - 0.5,
+            f"{tag}{a} back when its adapter is removed (within 2 points of base)":
+                abs(c[f"only_{b}{suffix}"][f"rate_{a}"] - base[f"rate_{a}"]) <= 0.02,
+            f"{tag}{b} back when its adapter is removed (within 2 points of base)":
+                abs(c[f"only_{a}{suffix}"][f"rate_{b}"] - base[f"rate_{b}"]) <= 0.02,
+        })
+    return out
+
+
+def report(results: dict, args, a: str, b: str) -> str:
+    table = [f"| configuration | {a} rate on its prompt | {b} rate on its prompt | accuracy on the other 8 digits "
+             "| UNet evals / image (sampling + test) | seconds |", "|---|---|---|---|---|---|"]
+    for r in results["configs"].values():
+        g = r["generate"]
+        n = max(g["images"], 1)
+        table.append(f"| {r['label']} | {r[f'rate_{a}']:.1%} | {r[f'rate_{b}']:.1%} | {r['other_accuracy']:.1%} | "
+                     f"{g['sample_evals'] / n:.0f} + {g['test_evals'] / n:.1f} | {r['seconds']:.0f} |")
+    return (f"Erasing `{a}` and `{b}` from the toy-digits model with two rank-1 adapters loaded together: "
+            f"{args.samples} images per prompt (ten prompts \"a photo of the digit <name>\"), DDIM {args.steps}, "
+            f"CFG 7.5, w1 -1, w2 2, stability test on the fly ({args.repeats} repeats, t_enc {args.t_enc}); "
+            f"training {results['train_seconds']:.0f} s (0: adapters reused).\n\n" + "\n".join(table) + "\n\n"
+            + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in results["checks"].items()) + "\n")
 
 
 def summarise(res: dict, a: str, b: str) -> dict:

@@ -122,8 +122,9 @@ class LatentDiffusion(nn.Module):
         f = 2 ** (len(self.first_stage_model.encoder.down) - 1)  # VAE downsampling factor, 8 for SD
         u = 2 ** sum(1 for m in self.unet.modules() if type(m).__name__ == "Downsample")  # UNet's, 8 for SD
         if image_size <= 0 or image_size % (f * u):
-            raise UserError(f"--image_size {image_size}: must be a positive multiple of {f * u} for this model "
-                            f"(VAE factor {f} x UNet downsampling {u}); e.g. {max(1, round(image_size / (f * u))) * f * u}")
+            step = f * u
+            raise UserError(f"--image_size {image_size}: must be a positive multiple of {step} for this model "
+                            f"(VAE factor {f} x UNet downsampling {u}); e.g. {max(1, round(image_size / step)) * step}")
         return (self.unet.in_channels, image_size // f, image_size // f)
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,19 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+def _check_options(unused, use_spatial_transformer, context_dim, dims, num_classes, use_scale_shift_norm,
+                   resblock_updown, conv_resample, num_heads, num_head_channels) -> None:
+    """Only SD v1's UNet is implemented: refuse the CompVis options that would build another one."""
+    if unused:
+        raise ValueError(f"UNetModel: unsupported options {sorted(unused)}")
+    if not use_spatial_transformer or context_dim is None:
+        raise ValueError("UNetModel: only the text-conditioned SpatialTransformer UNet (SD v1) is implemented")
+    if dims != 2 or num_classes is not None or use_scale_shift_norm or resblock_updown or not conv_resample:
+        raise ValueError("UNetModel: dims=2, no class conditioning, no scale-shift norm, conv resampling only")
+    if (num_heads == -1) == (num_head_channels == -1):
+        raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+
+
 class UNetModel(nn.Module):
     """Text-conditioned UNet. Only the options Stable Diffusion v1 uses are accepted; others fail loudly.
 
@@ -89,14 +102,8 @@ class UNetModel(nn.Module):
                  dims: int = 2, num_classes=None, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_new_attention_order: bool = False, **unused):
         super().__init__()
-        if unused:
-            raise ValueError(f"UNetModel: unsupported options {sorted(unused)}")
-        if not use_spatial_transformer or context_dim is None:
-            raise ValueError("UNetModel: only the text-conditioned SpatialTransformer UNet (SD v1) is implemented")
-        if dims != 2 or num_classes is not None or use_scale_shift_norm or resblock_updown or not conv_resample:
-            raise ValueError("UNetModel: dims=2, no class conditioning, no scale-shift norm, conv resampling only")
-        if (num_heads == -1) == (num_head_channels == -1):
-            raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+        _check_options(unused, use_spatial_transformer, context_dim, dims, num_classes, use_scale_shift_norm,
+                       resblock_updown, conv_resample, num_heads, num_head_channels)
         # use_checkpoint (gradient checkpointing), use_fp16 and legacy are accepted for config compatibility;
         # legacy=False with num_heads set gives d_head = ch // num_heads, as in SD v1.
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -115,8 +122,19 @@ class UNetModel(nn.Module):
             return layers
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        skip_chans, ch, ds = self._encoder(in_channels, model_channels, channel_mult, num_res_blocks, res_and_attn)
+        n, d = heads_for(ch)
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, dropout),
+            SpatialTransformer(ch, n, d, depth=transformer_depth, dropout=dropout, context_dim=context_dim),
+            ResBlock(ch, emb_dim, dropout),
+        )
+        ch = self._decoder(skip_chans, ch, ds, model_channels, channel_mult, num_res_blocks, res_and_attn)
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
-        # Encoder half: remember the channels of every block output, the decoder consumes them in reverse.
+    def _encoder(self, in_channels, model_channels, channel_mult, num_res_blocks, res_and_attn):
+        """Encoder half -> (the channels of every block output, which the decoder consumes in reverse; the last
+        channel count; the downsampling factor reached)."""
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -128,15 +146,10 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_chans.append(ch)
                 ds *= 2
+        return skip_chans, ch, ds
 
-        n, d = heads_for(ch)
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, dropout),
-            SpatialTransformer(ch, n, d, depth=transformer_depth, dropout=dropout, context_dim=context_dim),
-            ResBlock(ch, emb_dim, dropout),
-        )
-
-        # Decoder half: num_res_blocks + 1 blocks per level, each eating one skip; upsample at level ends.
+    def _decoder(self, skip_chans, ch, ds, model_channels, channel_mult, num_res_blocks, res_and_attn) -> int:
+        """Decoder half: num_res_blocks + 1 blocks per level, each eating one skip; upsample at level ends."""
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -146,8 +159,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        return ch
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))  # [B, 4*mc]

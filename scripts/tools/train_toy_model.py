@@ -320,7 +320,7 @@ def train_diffusion(model, lat_mean: torch.Tensor, lat_std: torch.Tensor, lat_la
 
 # ----------------------------------------------------------------------------- main
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
@@ -342,28 +342,39 @@ def main() -> None:
     p.add_argument("--prompts_only", action="store_true", help="write the prompt files and exit")
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default fp16)")
     p.add_argument("--resume", type=Path, help="start from these weights (config: --config_out) instead of random")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     written = write_prompt_files(args.prompts_dir)
     print(f"wrote {len(written)} prompt files to {args.prompts_dir}")
     if args.prompts_only:
         return
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-
     images, labels = digits_32()
     if args.resume:
         from ldm.loader import load_model_from_config
         model = load_model_from_config(args.config_out, args.resume).float()
     else:
         model = build(1.0, args.model_channels, args.channel_mult)
-    n_params = {name: sum(q.numel() for q in m.parameters()) for name, m in
-                [("unet", model.model), ("vae", model.first_stage_model), ("text", model.cond_stage_model)]}
-    print("parameters:", n_params)
+    print("parameters:", {name: sum(q.numel() for q in m.parameters()) for name, m in
+                          [("unet", model.model), ("vae", model.first_stage_model), ("text", model.cond_stage_model)]})
+    lat_mean, lat_std, src = train_vae_stage(model, images, args, gen, t0)
+    ema = train_diffusion(model, lat_mean, lat_std, labels[src], args.unet_steps, args.unet_batch, args.unet_lr,
+                          args.ema, gen)
+    state = model.state_dict()
+    state.update(ema)
+    model.load_state_dict(state)
+    save(model, args, time.time() - t0)
 
+
+def train_vae_stage(model, images, args, gen, t0):
+    """Stage 1: the VAE (unless resumed with --vae_steps 0), then every shifted digit's latent and the
+    scale_factor -> (latent means, latent stds, source index of each latent)."""
     if args.vae_steps:
         train_vae(model, images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, gen)
     with torch.no_grad():
@@ -374,31 +385,26 @@ def main() -> None:
     del shifted_images
     z = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
     if args.vae_steps or not args.resume:
-        scale_factor = float(f"{1.0 / z.std().item():.5f}")
-        model.scale_factor = scale_factor
-    scale_factor = model.scale_factor
-    print(f"latents {tuple(lat_mean.shape)}; std {z.std().item():.4f} -> scale_factor {scale_factor}; "
+        model.scale_factor = float(f"{1.0 / z.std().item():.5f}")
+    print(f"latents {tuple(lat_mean.shape)}; std {z.std().item():.4f} -> scale_factor {model.scale_factor}; "
           f"t = {time.time() - t0:.0f}s")
+    return lat_mean, lat_std, src
 
-    ema = train_diffusion(model, lat_mean, lat_std, labels[src], args.unet_steps, args.unet_batch, args.unet_lr,
-                          args.ema, gen)
-    state = model.state_dict()
-    state.update(ema)
-    model.load_state_dict(state)
 
-    train_seconds = time.time() - t0
+def save(model, args, train_seconds: float) -> None:
+    """The weights (released key names, fp16 unless --fp32) and the inference config, atomically."""
     dtype = torch.float32 if args.fp32 else torch.float16
     sd = {k: v.detach().to(dtype).contiguous() for k, v in release_state_dict(model).items()}
-    meta = {"format": "pt", "trained_by": "scripts/train_toy_model.py", "seed": str(args.seed),
+    meta = {"format": "pt", "trained_by": "scripts/tools/train_toy_model.py", "seed": str(args.seed),
             "resumed_from": str(args.resume or ""),
             "vae_steps": str(args.vae_steps), "unet_steps": str(args.unet_steps),
-            "train_seconds": f"{train_seconds:.0f}", "scale_factor": str(scale_factor)}
+            "train_seconds": f"{train_seconds:.0f}", "scale_factor": str(model.scale_factor)}
     from safetensors.torch import save_file
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
     save_file(sd, str(tmp), metadata=meta)
     os.replace(tmp, args.out)
-    atomic_write_bytes(args.config_out, config_text(scale_factor, args.model_channels, args.channel_mult).encode())
+    atomic_write_bytes(args.config_out, config_text(model.scale_factor, args.model_channels, args.channel_mult).encode())
     size = args.out.stat().st_size / 2 ** 20
     print(f"wrote {args.out} ({size:.1f} MiB, {len(sd)} tensors, {str(dtype)[6:]}) and {args.config_out}; "
           f"training took {train_seconds:.0f}s")

@@ -128,6 +128,8 @@ def test_momentum_stop_on_a_constructed_sequence():
     assert momentum_stop_at([1.0] + [0.0] * 30, threshold=0.2) == 17      # 0.9^16 = 0.185 < 0.2 < 0.9^15
     assert momentum_stop_at([1.0] * 40, threshold=0.5) is None
     assert momentum_stop_at([1.0] * 40, threshold=0.5, cap=25) == 25
+    capped = MomentumStop(0.5, cap=3)
+    assert [capped.update(1.0) for _ in range(3)] == [False, False, True] and capped.reason == "cap"
     rule = MomentumStop(0.0)
     for v in [0.3, 0.1, -0.2]:
         rule.update(v)
@@ -141,7 +143,7 @@ def test_training_updates_v_only_and_stops_by_momentum(base):
     trainer = Trainer(method, 1e-1, torch.Generator().manual_seed(0))
     while not method.objective.stop_requested:
         trainer.step()
-    assert trainer.done == 12
+    assert trainer.done == 12 and method.objective.rule.reason == "momentum"
     for k, v in method.tensors.items():
         assert torch.equal(v, before[k]) == k.endswith(".basis.B"), k
     assert weight_residual(model, "lora", PRESERVE)["content"] < 1e-5

@@ -152,13 +152,16 @@ class MomentumStop:
         self.ema: float | None = None
         self.count = 0
         self.stopped = False
+        self.reason: str | None = None   # "momentum" or "cap" once stopped
 
     def update(self, value: float) -> bool:
         """Record one iteration's correlation; True when training stops after this iteration."""
         self.count += 1
         self.ema = float(value) if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * float(value)
-        below = self.count > self.warmup and self.ema < self.threshold
-        self.stopped = self.stopped or below or (self.cap is not None and self.count >= self.cap)
+        if not self.stopped and self.count > self.warmup and self.ema < self.threshold:
+            self.stopped, self.reason = True, "momentum"
+        elif not self.stopped and self.cap is not None and self.count >= self.cap:
+            self.stopped, self.reason = True, "cap"
         return self.stopped
 
 
@@ -331,7 +334,7 @@ def build_sepce_method(model, target_prompt: str, settings: SepCESettings, gener
     def save(path, extra: dict[str, str]) -> None:
         from ldm.erasure.io import save_adapter  # io registers this kind by importing this module
         meta = {**settings.metadata(), "target_prompt": target_prompt, "null_dims": str(info["dims"]),
-                "stopped_early": str(objective.stop_requested).lower(), **extra}
+                "stop": objective.rule.reason or "cap", **extra}
         save_adapter(path, model.unet, alpha=settings.scale_factor, base_sha256=base_sha256, extra=meta, name=name)
     return Method(delta_state_dict(model.unet, name, keep_vars=True), objective, save), info
 

@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +155,20 @@ def generate(folder: Path, files: list[Path], extra: list[str], args) -> dict:
     return {"seconds": time.time() - tic, "summary": line}
 
 
+def pixel_change(folder: Path, base: Path, names: list[str]) -> float:
+    """Mean |pixel difference| (0..255) between paired images (same prompt, same seed) of two runs, over the
+    prompt folders `names`: what a delta does to the preserved prompts' images."""
+    diffs = []
+    for name in names:
+        for img in sorted((base / name).glob("*.jpg")):
+            other = folder / name / img.name
+            if other.is_file():
+                a = np.asarray(Image.open(img).convert("RGB"), dtype=np.float64)
+                b = np.asarray(Image.open(other).convert("RGB"), dtype=np.float64)
+                diffs.append(np.abs(a - b).mean())
+    return float(np.mean(diffs)) if diffs else float("nan")
+
+
 def evals_per_image(summary: str) -> str:
     """UNet sample-evaluations per image (sampling plus any stability test) from generate_images.py's summary."""
     m = re.search(r"([\d.]+) UNet sample-evaluations per image", summary)
@@ -181,7 +197,7 @@ def table(results: dict, a: str, b: str) -> str:
              "seconds (generation) |", "|---|---|---|---|---|---|"]
     for r in results["configs"].values():
         lines.append(f"| {r['label']} | {r[f'rate_{a}']:.1%} | {r[f'rate_{b}']:.1%} | {r['other_accuracy']:.1%} | "
-                     f"{r['evals_per_image']} | {r['seconds']:.0f} |")
+                     f"{r['pixel_change_others']:.2f} | {r['evals_per_image']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -215,7 +231,10 @@ def main(argv=None) -> None:
     for key, (label, paths, extra) in configurations(files, merged, a, b, args.unguide).items():
         g = generate(out / key, paths, extra, args)
         res = digit_rates(out / key / "images")
+        others = [n for n in NAMES if n not in (a, b)]
         results["configs"][key] = {"label": label, **summarise(res, a, b), "seconds": g["seconds"],
+                                   "pixel_change_others": pixel_change(out / key / "images", out / "base" / "images",
+                                                                       others),
                                    "evals_per_image": evals_per_image(g["summary"]), "summary": g["summary"]}
     results["wall_seconds"] = time.time() - t0
     text = (f"SepCE on the toy-digits model, erasing `{a}` and `{b}`: {args.samples} images per prompt (ten prompts "

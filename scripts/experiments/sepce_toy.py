@@ -193,8 +193,9 @@ def configurations(files: dict[str, Path], merged: Path, a: str, b: str, unguide
 
 
 def table(results: dict, a: str, b: str) -> str:
-    lines = [f"| configuration | {a} rate | {b} rate | accuracy on the other 8 digits | UNet evals / image | "
-             "seconds (generation) |", "|---|---|---|---|---|---|"]
+    lines = [f"| configuration | {a} rate | {b} rate | accuracy on the other 8 digits | "
+             "mean abs pixel change vs base, other 8 | UNet evals / image | seconds (generation) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["configs"].values():
         lines.append(f"| {r['label']} | {r[f'rate_{a}']:.1%} | {r[f'rate_{b}']:.1%} | {r['other_accuracy']:.1%} | "
                      f"{r['pixel_change_others']:.2f} | {r['evals_per_image']} | {r['seconds']:.0f} |")

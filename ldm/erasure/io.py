@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 import ldm.erasure.lora  # noqa: F401  (registers the kind "lora")
+import ldm.erasure.sepce  # noqa: F401  (registers the kind "basis")
 from ldm.erasure.delta import DELTA_KINDS, Delta, DeltaLinear, delta_kind, delta_layers, delta_state_dict, inject_delta
 from ldm.errors import UserError
 

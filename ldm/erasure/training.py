@@ -279,6 +279,8 @@ class TrainingRun:
                 return i, value, plan
             bar.update(1)
             bar.set_postfix(loss=f"{value:.5f}", t_enc=plan.t_enc)
+            if getattr(self.method.objective, "stop_requested", False):  # a method's own stop rule (SepCE's momentum)
+                break
             if t.done % s.save_every == 0 and t.done < s.iterations:
                 self._save_state()
         return None

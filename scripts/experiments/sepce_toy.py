@@ -49,8 +49,6 @@ CKPT = ROOT / "models/toy-digits.safetensors"
 PROMPT = "a photo of the digit {}"
 # generate_images.py finds the "basis" kind once ldm.erasure.sepce is imported; until ldm/erasure/io.py imports
 # it, the subprocess imports it first and then runs generate_images.py unchanged.
-GENERATE = ("import sys, runpy, ldm.erasure.sepce; sys.argv = ['generate_images.py', *sys.argv[1:]]; "
-            "runpy.run_path('generate_images.py', run_name='__main__')")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -148,7 +146,8 @@ def generate(folder: Path, files: list[Path], extra: list[str], args) -> dict:
             "--image_size", "16", "--batch_size", str(args.batch_size), "--threads", str(args.threads)]
     argv += sum([["--prompt", PROMPT.format(n)] for n in NAMES], []) + (["--lora", *map(str, files)] if files else [])
     tic = time.time()
-    proc = subprocess.run([sys.executable, "-c", GENERATE, *argv, *extra], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "generate_images.py", *argv, *extra], cwd=ROOT, capture_output=True,
+                          text=True)
     if proc.returncode:
         raise UserError(f"generate_images.py failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("summary:")), "")

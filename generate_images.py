@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="explicit mode: a prompt (repeatable)")
     p.add_argument("--diff_results", nargs="+", default=None,
                    help="explicit mode: calc_diff_results.json, one per --lora file (same order)")
+    p.add_argument("--sum_in_weights", action="store_true",
+                   help="several adapters as ONE model: the base plus the sum of their weight deltas (SepCE's "
+                        "composition); needs --w1 == --w2 (no per-adapter decision)")
     p.add_argument("--skip_unrelated", action="store_true",
                    help="adapters decided w2 (unrelated to the prompt) get w = 1: not evaluated")
     p.add_argument("--repeats", type=positive(), default=10, help="on-the-fly test: draws of d(p)")
@@ -93,7 +96,7 @@ def _fmt(w: list[float]) -> str:
 
 
 def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_root: Path, args,
-             adapters: list[str], dirs: dict[str, str] | None = None) -> int:
+             adapters: list, dirs: dict[str, str] | None = None) -> int:
     """Missing images of every prompt -> img_root/<class>/<idx:05d>.jpg; returns the number written.
     ws[p][k] is prompt p's weight for adapters[k] (no adapter: ws[p] == [] and the base model samples);
     dirs: {prompt: folder} (default: class_dirs)."""
@@ -165,6 +168,9 @@ def _explicit(args, fixed_w: float | None) -> dict:
         raise UserError(f"--diff_results: {len(args.diff_results)} file(s) for {len(loras)} adapter(s); "
                         "give one per --lora file, in the same order")
     check_distinct(loras)
+    if args.sum_in_weights and fixed_w is None:
+        raise UserError("--sum_in_weights makes the adapters one model: give one weight for it (--w1 == --w2, "
+                        "e.g. --w1 0 --w2 0 for the summed model alone)")
     prompts = experiment_prompts(read_prompts_json(args.prompts_json)) if args.prompts_json else []
     prompts += [p for p in (args.prompt or []) if p not in prompts and p != ""]
     out = Path(args.output_dir)
@@ -176,6 +182,8 @@ def _explicit(args, fixed_w: float | None) -> dict:
             ws, tests = _explicit_decisions(args, model, prompts, names, fixed_w)
         test_evals = c.samples
         folders = _record_decisions(out, prompts, ws, tests, config)
+        if args.sum_in_weights and names:  # one chunk with every adapter on: base + sum_k dW_k
+            names, ws = [tuple(names)], {p: [fixed_w] for p in prompts}
         with UNetCounter(model.unet) as c:
             total = generate(model, device, prompts, ws, out / "images", args, names, folders)
     return {"images": total, "unet_evals": test_evals + c.samples, "test_evals": test_evals,
@@ -190,7 +198,7 @@ def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float 
               "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
               "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
               "skip_unrelated": args.skip_unrelated, "decisions": decisions, "threshold": args.threshold,
-              "decision": args.decision,
+              "decision": args.decision, "sum_in_weights": args.sum_in_weights,
               "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}
     if decisions == "on_the_fly":
         config.update(t_enc=args.t_enc, repeats=args.repeats, empty_draws=args.empty_draws)

@@ -232,3 +232,36 @@ def test_nsfw_two_adapters(world, tmp_path):
     (log,) = (tmp_path / "r" / "logs").iterdir()
     rows = (log / "decisions.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(len(r.split(",")[5].split(";")) == 2 for r in rows)  # d_prompt: one per adapter
+
+
+def test_sum_in_weights_samples_the_model_with_both_deltas(world, tmp_path):
+    """--sum_in_weights: base + dW_a + dW_b as one model (SepCE's composition), not the sum of two models' outputs;
+    the reference merges both adapters into a copy's weights and samples it with plain CFG."""
+    base, ckpt, (a, b) = world
+    out = tmp_path / "sum"
+    generate_images.main(model_args(world) + ["--output_dir", str(out), "--prompt", PROMPTS[0], "--samples", "1",
+                                              "--steps", str(STEPS), "--seed", str(SEED), "--image_size", str(SIZE),
+                                              "--w1", "0", "--w2", "0", "--lora", str(a), str(b), "--sum_in_weights"])
+    merged = copy.deepcopy(base)
+    load_adapter(a, merged.unet)
+    load_adapter(b, merged.unet, name="lora1")
+    for m in lora_layers(merged.unet).values():
+        m.merge()
+    import io
+    import numpy as np
+    from PIL import Image
+    from ldm.sampling import txt2img
+    buf = io.BytesIO()
+    txt2img(merged, [PROMPTS[0]], [SEED], SIZE, STEPS)[0].save(buf, format="JPEG", quality=95)  # the same file format
+    (img,) = (out / "images").rglob("*.jpg")
+    diff = np.abs(np.asarray(Image.open(img), dtype=np.int16) - np.asarray(Image.open(buf), dtype=np.int16))
+    assert diff.max() <= 4, diff.max()   # the same picture
+    two = tmp_path / "two"                # without the flag: the sum of two models' outputs, another picture
+    generate_images.main(model_args(world) + ["--output_dir", str(two), "--prompt", PROMPTS[0], "--samples", "1",
+                                              "--steps", str(STEPS), "--seed", str(SEED), "--image_size", str(SIZE),
+                                              "--w1", "0", "--w2", "0", "--lora", str(a), str(b)])
+    (other,) = (two / "images").rglob("*.jpg")
+    assert np.abs(np.asarray(Image.open(other), dtype=np.int16) - np.asarray(Image.open(img), dtype=np.int16)).max() > 4
+    with pytest.raises(SystemExit):
+        run(lambda: generate_images.main(model_args(world) + ["--output_dir", str(tmp_path / "x"), "--prompt", "a",
+                                                              "--lora", str(a), str(b), "--sum_in_weights"]))

@@ -36,12 +36,18 @@ def _col(v: Weight, like: torch.Tensor) -> Weight:
     return v.view(-1, 1, 1, 1).to(like) if isinstance(v, torch.Tensor) else v
 
 
+def _in_chunk(name: str, chunk) -> bool:
+    """Is adapter `name` on in `chunk` ("base", an adapter's name, or a tuple of names acting together)?"""
+    return name in chunk if isinstance(chunk, tuple) else name == chunk
+
+
 def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: Weight,
                         w: Weight | list[Weight], adapters: list[str] | None = None) -> ModelFn:
     """eps(x, t) = CFG_base + sum_k (1 - w_k) (CFG_k - CFG_base), in one UNet call per step.
 
-    cond, uncond [B, 77, D]; scale a float or [B]; w one weight (single adapter) or a list, one per name in
-    `adapters` (default: every adapter of the model, in injection order).
+    cond, uncond [B, 77, D]; scale a float or [B]; w one weight (single adapter) or a list, one per entry of
+    `adapters` (default: every adapter of the model, in injection order). An entry may be a tuple of names: those
+    adapters act together in one chunk (the model with the sum of their weight deltas, SepCE's composition).
     """
     names = adapter_names(model.unet) if adapters is None else list(adapters)
     ws = list(w) if isinstance(w, (list, tuple)) else [w]
@@ -55,7 +61,7 @@ def unguidance_model_fn(model, cond: torch.Tensor, uncond: torch.Tensor, scale: 
     chunks = (["base"] if with_base else []) + [names[k] for k in active]  # each chunk: [uncond; cond], 2B
     b = cond.shape[0]
     context = torch.cat([uncond, cond] * len(chunks))                       # [2B * chunks, 77, D]
-    scales = {n: torch.cat([torch.full((2 * b,), float(c == n)) for c in chunks]).to(cond.device)
+    scales = {n: torch.cat([torch.full((2 * b,), float(_in_chunk(n, c))) for c in chunks]).to(cond.device)
               for n in adapter_names(model.unet)}
     coeffs = ([base_weight] if with_base else []) + [1.0 - ws[k] for k in active]
 

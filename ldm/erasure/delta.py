@@ -308,6 +308,16 @@ def remove_delta(unet: nn.Module, name: str | None = None) -> None:
             setattr(*_parent(unet, path), layer.restored())
 
 
+@torch.no_grad()
+def bake(unet: nn.Module) -> None:
+    """Fold every delta into the base Parameters for good and return the layers to their plain class: the UNet
+    becomes the fine-tuned model, without adapter keys (merged exports)."""
+    for path, layer in list(delta_layers(unet).items()):
+        if not layer.merged:
+            layer.merge()
+        setattr(*_parent(unet, path), layer.restored())
+
+
 def delta_layers(unet: nn.Module, name: str | None = None) -> dict[str, DeltaLayer]:
     """The adapted layers by module path (only those carrying adapter `name`, if given)."""
     return {n: m for n, m in unet.named_modules()

@@ -21,6 +21,8 @@ ESD (`--method esd --train_method ...`) selects PARAMETERS by name, as ESD's tra
 """
 import torch.nn as nn
 
+from ldm.erasure.delta import Delta
+
 DEFAULT_TARGETS = ["attn2.to_k", "attn2.to_v"]
 
 
@@ -86,7 +88,8 @@ def esd_parameter_names(unet: nn.Module, train_method: str) -> list[str]:
     """The UNet parameter names ESD trains for `train_method` (its rule on parameter names), in module order."""
     if train_method not in ESD_TRAIN_METHODS:
         raise ValueError(f"train method {train_method!r} is not one of {', '.join(ESD_TRAIN_METHODS)}")
-    return [n for n, _ in unet.named_parameters() if ESD_TRAIN_METHODS[train_method](n)]
+    deltas = {id(p) for m in unet.modules() if isinstance(m, Delta) for p in m.parameters()}  # not base weights
+    return [n for n, p in unet.named_parameters() if id(p) not in deltas and ESD_TRAIN_METHODS[train_method](n)]
 
 
 def esd_layers(unet: nn.Module, train_method: str) -> list[str]:

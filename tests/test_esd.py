@@ -137,9 +137,9 @@ def test_per_sample_scale_and_reload(base, tmp_path):
     with adapters_disabled(ours.unet):
         torch.testing.assert_close(eps(ours), e_base, atol=1e-6, rtol=0)
     with adapter_scale(ours.unet, torch.tensor([0.0, 1.0])):    # sample 0: base, sample 1: ESD model
-        mixed = eps(ours)
+        mixed = eps(ours)                                       # (W x + s D x, against (W + D) x unscaled)
     torch.testing.assert_close(mixed[0], e_base[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[1], e_ours[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], e_ours[1], atol=1e-5, rtol=0)
     save_adapter(tmp_path / "d.safetensors", ours.unet, 1.0, extra={"method": "esd", "train_method": "full"})
     tensors, meta = read_adapter(tmp_path / "d.safetensors")
     assert meta["delta_kind"] == "full" and meta["method"] == "esd" and json.loads(meta["base_fingerprint"])

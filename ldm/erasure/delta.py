@@ -49,6 +49,7 @@ class Delta(nn.Module):
     kind: str = ""
     tensor_names: tuple[str, ...] = ()
     optional_tensors: tuple[str, ...] = ()   # tensor names a layer may lack (a bias delta on a bias-free layer)
+    fold_in_forward: bool = False            # True: without per-sample scales, forward with W + dW (one evaluation)
 
     def __init__(self, rank: int, alpha: float):
         super().__init__()
@@ -99,9 +100,9 @@ def _layer_attributes(layer: nn.Module) -> dict:
 class DeltaLayer:
     """The adapter bookkeeping shared by every adapted layer type (mixed into DeltaLinear, DeltaConv2d, ...):
     named deltas as children, switched on/off, scaled per sample, merged into the base Parameters.
-    A subclass sets `base_type` and `_base_forward` (the plain layer's output)."""
+    A subclass sets `base_type` and `_base_forward` (the plain layer's output with the given weight and bias)."""
 
-    base_type: type = nn.Module
+    base_type: type = nn.Module  # subclasses define _base_forward(x, weight, bias): the plain layer's output
 
     def _adopt(self, base: nn.Module) -> None:
         """Take over `base`'s attributes and its Parameters (the same objects: no copy of the base model)."""
@@ -141,8 +142,26 @@ class DeltaLayer:
             return self.sample_scale.get(name)
         return self.sample_scale
 
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W + sum dW, b + sum db) when every delta folds into the weights (full-rank kinds) and no per-sample
+        scale is set: then one layer evaluation with these weights replaces base + delta evaluations."""
+        adapters = self.adapters().values()
+        if self.merged or not self.enabled or self.sample_scale is not None or not adapters \
+                or not all(a.fold_in_forward for a in adapters):
+            return None
+        weight, bias = self.weight, self.bias
+        for a in adapters:
+            terms = a.merge_terms(self)
+            weight = weight + terms["weight"].to(weight.dtype).view_as(weight)
+            if "bias" in terms:
+                bias = bias + terms["bias"].to(bias.dtype)
+        return weight, bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B, ...]
-        y = self._base_forward(x)
+        folded = self._folded()
+        if folded is not None:
+            return self._base_forward(x, *folded)
+        y = self._base_forward(x, self.weight, self.bias)
         if self.merged:
             if self.sample_scale is not None or not self.enabled:
                 raise RuntimeError(f"{type(self).__name__}: the adapters are merged into the weight; unmerge "
@@ -209,8 +228,8 @@ class DeltaLinear(DeltaLayer, nn.Linear):
         nn.Module.__init__(self)
         self._adopt(base)
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, ..., in] -> [B, ..., out]
-        return F.linear(x, self.weight, self.bias)
+    def _base_forward(self, x, weight, bias) -> torch.Tensor:  # [B, ..., in] -> [B, ..., out]
+        return F.linear(x, weight, bias)
 
 
 class DeltaConv2d(DeltaLayer, nn.Conv2d):
@@ -222,8 +241,8 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         nn.Module.__init__(self)
         self._adopt(base)
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in, H, W] -> [B, out, H', W']
-        return self._conv_forward(x, self.weight, self.bias)
+    def _base_forward(self, x, weight, bias) -> torch.Tensor:  # [B, in, H, W] -> [B, out, H', W']
+        return self._conv_forward(x, weight, bias)
 
 
 class DeltaGroupNorm(DeltaLayer, nn.GroupNorm):
@@ -235,8 +254,11 @@ class DeltaGroupNorm(DeltaLayer, nn.GroupNorm):
         nn.Module.__init__(self)
         self._adopt(base)
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, ...] -> [B, C, ...]
-        return self._original_class.forward(self, x)
+    def _base_forward(self, x, weight, bias) -> torch.Tensor:  # [B, C, ...] -> [B, C, ...]
+        if self._original_class is nn.GroupNorm:
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        weight, bias = (None if p is None else p.float() for p in (weight, bias))  # GroupNorm32: in fp32
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class DeltaLayerNorm(DeltaLayer, nn.LayerNorm):
@@ -248,8 +270,8 @@ class DeltaLayerNorm(DeltaLayer, nn.LayerNorm):
         nn.Module.__init__(self)
         self._adopt(base)
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, ..., C] -> [B, ..., C]
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def _base_forward(self, x, weight, bias) -> torch.Tensor:  # [B, ..., C] -> [B, ..., C]
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 # {base layer class: its adapted class}; subclasses of these (GroupNorm32) use their base's wrapper

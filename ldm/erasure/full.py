@@ -12,6 +12,8 @@ per-sample scale s_i of the delta interface applies to it:
     GroupNorm   s_i * (gn(x) * D + b)                     gn(x): the normalised input before the affine
     LayerNorm   s_i * (ln(x) * D + b)
 
+Without per-sample scales the layer runs once with (W + D, b + db) (fold_in_forward), as fast as ESD's own
+fine-tuned layer; with them (UnGuidance's batched base / adapted calls) it adds the scaled terms above.
 The base Parameters stay frozen: adapters_disabled gives the base model (the frozen predictions of ESD's loss),
 adapter_scale blends base and fine-tuned model per sample (UnGuidance), merge writes the fine-tuned weights.
 """
@@ -34,6 +36,7 @@ class FullDelta(Delta):
     kind = "full"
     tensor_names = ("D", "b")
     optional_tensors = ("b",)
+    fold_in_forward = True   # training and ESD alone: one evaluation of the layer with W + D, b + db
 
     def __init__(self, weight_shape: tuple[int, ...], bias: bool, alpha: float = 1.0, device=None, dtype=None):
         shape = tuple(weight_shape)

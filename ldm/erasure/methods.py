@@ -65,8 +65,9 @@ def build_esd(model, s: TrainSettings, generator: torch.Generator, autocast) -> 
     """ESD: full deltas (zero: no draws from `generator`) on the layers of ESD's train_method; reference ""."""
     inject_full(model.unet, s.targets)
     method = _method(model, s, _objective(model, s, "", autocast), 1.0)
-    print(f"ESD-{s.train_method}: full-rank deltas on {len(s.targets)} layers, "
-          f"{sum(p.numel() for p in method.tensors.values()):,} trainable parameters; " + _device_note(model, s, autocast))
+    n = sum(p.numel() for p in method.tensors.values())
+    print(f"ESD-{s.train_method}: full-rank deltas on {len(s.targets)} layers, {n:,} trainable parameters; "
+          + _device_note(model, s, autocast))
     return method
 
 

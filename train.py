@@ -1,6 +1,15 @@
 """Erase a concept from Stable Diffusion v1.x: train a LoRA adapter with the ESD/UnGuide objective.
 
     python train.py --ckpt_path models/sd-v1-4.ckpt --prompts_json data/cat.json --iterations 200 --lr 3e-5
+    python train.py --method esd --train_method xattn --ckpt_path models/sd-v1-4.ckpt --prompts_json data/cat.json
+
+--method esd is ESD (Gandikota et al. 2023): ESD's parameter set (--train_method xattn|noxattn|selfattn|full)
+fine-tuned as a full-rank delta on one copy of the base model, reference prompt "" and ESD's defaults
+(1000 iterations, lr 1e-5, start guidance 3, negative guidance 1, DDIM 50) where a flag is not given; it writes
+<output_dir>/method_esd_class_name_<stem>_train_method_<m>_iterations_<n>_lr_<lr>_start_guidance_<g>
+_negative_guidance_<eta>_ddim_steps_<S>/models/lora.safetensors (delta_kind "full"), which every generation
+script takes as --lora. The LoRA flags (--lora_rank, --lora_alpha, --target_modules, --preserve) mean nothing
+there and are refused.
 
 One copy of the base model is loaded: the frozen predictions e_0/e_p come from the same weights with the
 adapters switched off (ldm/erasure/objective.py). Output, as the UnGuide release:
@@ -28,17 +37,23 @@ from pathlib import Path
 import torch
 
 from ldm.cli import Parser, add_model_args, ddim_steps_arg, finite, load_model, positive, resolve_image_size, run
-from ldm.erasure.io import save_adapter
-from ldm.erasure.lora import inject_lora, lora_state_dict
-from ldm.erasure.objective import UnGuideObjective, encode_prompts
-from ldm.erasure.settings import TrainSettings, num
-from ldm.erasure.targets import DEFAULT_TARGETS, describe_targets, select_targets
-from ldm.erasure.training import Method, RunFiles, TrainingRun, seeded_generator
+from ldm.erasure.methods import METHODS, build_unguide
+from ldm.erasure.settings import TrainSettings
+from ldm.erasure.targets import DEFAULT_TARGETS, ESD_TRAIN_METHODS, esd_layers, select_targets
+from ldm.erasure.training import RunFiles, TrainingRun, seeded_generator
 from ldm.errors import UserError
 from ldm.loader import file_sha256, resolve_device, resolve_dtype
 from ldm.prompts import read_prompts_json
 
 DEFAULT_SEED = 42
+# Each method's defaults, applied where the flag is not given (ESD's: its train-esd.py).
+METHOD_DEFAULTS = {
+    "unguide": {"iterations": 200, "lr": 3e-5, "start_guidance": 9.0, "negative_guidance": 2.0, "lora_rank": 1,
+                "lora_alpha": 8, "target_modules": list(DEFAULT_TARGETS), "preserve_weight": 1.0},
+    "esd": {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0, "train_method": "xattn"},
+}
+LORA_ONLY = ("lora_rank", "lora_alpha", "target_modules", "preserve", "preserve_weight")
+build_method = build_unguide  # the name tests and benchmarks know
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,34 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = "autocast dtype of the UNet (CUDA; bf16 also on CPU); the weights and adapters stay fp32"
     p.add_argument("--prompts_json", default="data/cat.json",
                    help='{"target": ..., "reference": ...}; a name ending in nsfw.json selects the nsfw preset')
-    p.add_argument("--iterations", type=positive(int), default=200,
-                   help="optimisation steps")
-    p.add_argument("--lr", type=positive(float), default=3e-5,
-                   help="Adam learning rate")
-    p.add_argument("--output_dir", default="output",
-                   help="the run folder goes under it")
+    p.add_argument("--method", choices=list(METHODS), default="unguide",
+                   help="unguide (a LoRA, the release) or esd (ESD's full fine-tuning of --train_method's parameters)")
+    p.add_argument("--train_method", choices=list(ESD_TRAIN_METHODS), default=None,
+                   help="--method esd: which UNet parameters ESD trains (default xattn)")
+    p.add_argument("--iterations", type=positive(int), default=None, help="optimisation steps; default 200 (esd: 1000)")
+    p.add_argument("--lr", type=positive(float), default=None, help="Adam learning rate; default 3e-5 (esd: 1e-5)")
+    p.add_argument("--output_dir", default="output", help="the run folder goes under it")
     p.add_argument("--run_name", default=None,
                    help="the run's folder under --output_dir (default: the release's name, made of the settings)")
-    p.add_argument("--lora_rank", type=positive(int), default=1,
-                   help="rank of the adapter")
-    p.add_argument("--lora_alpha", type=positive(float), default=8,
-                   help="adapter scale (the release's: output = W x + alpha * x A B, not alpha/rank)")
-    p.add_argument("--target_modules", nargs="+", default=list(DEFAULT_TARGETS),
-                   help="Linear-name suffixes, or one preset: default xattn noxattn nsfw selfattn full")
+    p.add_argument("--lora_rank", type=positive(int), default=None, help="rank of the adapter; default 1")
+    p.add_argument("--lora_alpha", type=positive(float), default=None,
+                   help="adapter scale, default 8 (the release's: output = W x + alpha * x A B, not alpha/rank)")
+    p.add_argument("--target_modules", nargs="+", default=None,
+                   help="Linear-name suffixes, or one preset: default xattn noxattn nsfw selfattn full "
+                        "(default: attn2.to_k attn2.to_v)")
     p.add_argument("--image_size", type=positive(int), default=None,
                    help="image side in px (default: the config's, 512 for SD, 16 for the toy model)")
     p.add_argument("--ddim_steps", type=ddim_steps_arg, default=50,
                    help="DDIM steps of the partial trajectory's schedule")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seeds adapter init and every random draw (default {DEFAULT_SEED}; the release had none)")
-    p.add_argument("--ddim_eta", type=finite, default=0.0,
-                   help="DDIM eta of the partial trajectory")
-    p.add_argument("--start_guidance", type=finite, default=9.0, help="CFG scale of the partial trajectory")
-    p.add_argument("--negative_guidance", type=finite, default=2.0, help="eta of e_0 - eta (e_p - e_0)")
+    p.add_argument("--ddim_eta", type=finite, default=0.0, help="DDIM eta of the partial trajectory")
+    p.add_argument("--start_guidance", type=finite, default=None,
+                   help="CFG scale of the partial trajectory, default 9 (esd: 3)")
+    p.add_argument("--negative_guidance", type=finite, default=None,
+                   help="eta of e_0 - eta (e_p - e_0), default 2 (esd: 1)")
     p.add_argument("--preserve", nargs="+", default=None, metavar="PROMPT",
                    help="ours, off by default: prompts the adapter must not move (adds lambda * mean_k "
                         "||eps_adapted(c_k) - eps_base(c_k)||^2 to the loss; ldm/erasure/objective.py)")
-    p.add_argument("--preserve_weight", type=positive(float), default=1.0, help="lambda of --preserve")
+    p.add_argument("--preserve_weight", type=positive(float), default=None, help="lambda of --preserve (default 1)")
     p.add_argument("--schedule", choices=["standard", "release"], default="standard",
                    help="DDIM timesteps: standard (981..1) or release (drops 981: 49 steps from 961)")
     p.add_argument("--save_losses", action="store_true", help="write losses.csv and losses.png")
@@ -85,8 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_method_defaults(args) -> None:
+    """Fill in the method's defaults for the flags not given (in place; idempotent); UserError for flags that
+    mean nothing for the chosen method."""
+    given = getattr(args, "_given", None)
+    if given is None:  # first call: remember which flags the user gave
+        given = args._given = [k for k in (*LORA_ONLY, "train_method") if getattr(args, k, None) is not None]
+    if args.method != "unguide" and any(k in LORA_ONLY for k in given):
+        flags = ", ".join(f"--{k}" for k in given if k in LORA_ONLY)
+        raise UserError(f"{flags}: LoRA options; --method {args.method} trains a full-rank delta "
+                        f"(choose its parameters with --train_method)")
+    if args.method == "unguide" and "train_method" in given:
+        raise UserError("--train_method: ESD's parameter sets, for --method esd (UnGuide: --target_modules)")
+    for key, value in METHOD_DEFAULTS[args.method].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+
+
 def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
     """The run's settings; targets and base_sha256 are filled in once the model and checkpoint are read."""
+    apply_method_defaults(args)
+    if args.method != "unguide":
+        return _full_rank_settings(args, prompts)
     nsfw = os.path.basename(args.prompts_json).endswith("nsfw.json")
     preserve = list(args.preserve) if args.preserve else None
     return TrainSettings(
@@ -99,7 +136,25 @@ def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
         class_name=Path(args.prompts_json).stem, output_dir=args.output_dir, target_modules=args.target_modules,
         target_preset=["nsfw"] if nsfw else args.target_modules, precision=args.precision,
         device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
-        resume=args.resume, arguments=vars(args))
+        resume=args.resume, arguments=_arguments(args))
+
+
+def _arguments(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _full_rank_settings(args, prompts: dict[str, str]) -> TrainSettings:
+    """ESD's settings: no LoRA fields, reference "" (ESD's e_0 = eps*(z, t, "")), its train_method."""
+    return TrainSettings(
+        lora_rank=None, lora_alpha=None, targets=[], lr=args.lr, target_prompt=prompts["target"],
+        reference_prompt="", ddim_steps=args.ddim_steps, schedule=args.schedule, image_size=args.image_size,
+        start_guidance=args.start_guidance, negative_guidance=args.negative_guidance, ddim_eta=args.ddim_eta,
+        base_sha256=None, seed=args.seed, preserve=None, preserve_weight=None, method=args.method,
+        train_method=args.train_method, iterations=args.iterations, config=args.config, ckpt=args.ckpt,
+        prompts_json=args.prompts_json, class_name=Path(args.prompts_json).stem, output_dir=args.output_dir,
+        target_modules=[], target_preset=[args.train_method], precision=args.precision,
+        device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
+        resume=args.resume, arguments=_arguments(args))
 
 
 def run_name(args, class_name: str) -> str:
@@ -117,26 +172,6 @@ def check_input(args, prompts: dict[str, str]):
     return None if autocast == torch.float32 else autocast
 
 
-def build_method(model, s: TrainSettings, generator: torch.Generator, autocast) -> Method:
-    """UnGuide's method: LoRA adapters on the settings' targets (A drawn from `generator`) and the objective."""
-    inject_lora(model.unet, s.targets, rank=s.lora_rank, alpha=s.lora_alpha, generator=generator)
-    tensors = lora_state_dict(model.unet, keep_vars=True)
-    print(f"adapters: {describe_targets(s.targets)}; rank {s.lora_rank}, alpha {num(s.lora_alpha)}, "
-          f"{sum(p.numel() for p in tensors.values()):,} trainable parameters; device {model.device}"
-          + (f", autocast {s.precision}" if autocast else ""))
-    emb = encode_prompts(model, s.target_prompt, s.reference_prompt, tuple(s.preserve or ()))
-    objective = UnGuideObjective(model, emb, model.latent_shape(s.image_size), s.ddim_steps, s.start_guidance,
-                                 s.negative_guidance, s.ddim_eta, s.schedule == "release", autocast_dtype=autocast,
-                                 preserve_weight=s.preserve_weight or 1.0)
-    if s.preserve:
-        print(f"preserving {len(s.preserve)} prompts (weight {num(s.preserve_weight)}): "
-              + ", ".join(repr(p) for p in s.preserve))
-
-    def save(path: Path, extra: dict[str, str]) -> None:
-        save_adapter(path, model.unet, s.lora_alpha, base_sha256=s.base_sha256, extra=extra)
-    return Method(tensors, objective, save)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train; returns 0, or exits with 2 (bad input), 130 / 143 (interrupted) or 1 (diverged)."""
     try:
@@ -150,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    prompts = read_prompts_json(args.prompts_json, need_reference=True)
+    apply_method_defaults(args)
+    prompts = read_prompts_json(args.prompts_json, need_reference=args.method == "unguide")
     resolve_image_size(args)
     autocast = check_input(args, prompts)
     settings = settings_from_args(args, prompts)
-    if settings.target_preset != args.target_modules:
+    if args.method == "unguide" and settings.target_preset != args.target_modules:
         print(f"{args.prompts_json} ends in nsfw.json: using the nsfw target preset (as the release), "
               f"--target_modules {' '.join(args.target_modules)} ignored")
     run_dir = Path(args.output_dir) / (args.run_name or settings.run_name())
@@ -166,14 +202,16 @@ def _train(args) -> int:
     model, device = load_model(args, precision="fp32")  # weights stay fp32; --precision is the autocast dtype
     model.requires_grad_(False)
     try:
-        targets = select_targets(model.unet, settings.target_preset)
+        targets = (select_targets(model.unet, settings.target_preset) if args.method == "unguide"
+                   else esd_layers(model.unet, args.train_method))
         model.latent_shape(settings.image_size)  # the image size against the VAE's factor
     except ValueError as exc:
         spec = " ".join(settings.target_preset)
-        raise UserError(f"--target_modules {spec}: {exc}" if "target" in str(exc) else str(exc))
+        flag = "--target_modules" if args.method == "unguide" else "--train_method"
+        raise UserError(f"{flag} {spec}: {exc}" if "target" in str(exc) or "train" in str(exc) else str(exc))
     settings = replace(settings, targets=targets, base_sha256=file_sha256(args.ckpt))
     generator = seeded_generator(settings.seed)  # CPU: adapter init, then every iteration's draws
-    method = build_method(model, settings, generator, autocast)
+    method = METHODS[args.method](model, settings, generator, autocast)
     return TrainingRun(settings, method, generator, files, device, autocast).run()
 
 

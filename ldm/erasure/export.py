@@ -36,9 +36,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ldm.erasure.io import validate_adapter_tensors  # the same checks load_adapter applies
 from ldm.config import instantiate_from_config, load_config
+from ldm.erasure.delta import bake, delta_layers
+from ldm.erasure.io import load_adapter, read_adapter, validate_adapter_tensors  # load_adapter's own checks
 from ldm.errors import UserError
+from ldm.layouts import UNET_PREFIX, unet_key
+from ldm.loader import load_model_from_config, release_state_dict
 
 FORMATS = ("diffusers", "kohya")
 RELEASE_ALPHA = 8.0
@@ -209,6 +212,34 @@ class ExportResult:
     bytes: int
 
 
+def _check_output(source: Path, output: Path, overwrite: bool) -> None:
+    if output.suffix != ".safetensors":
+        raise UserError(f"{output}: the output must be a .safetensors file (what diffusers, A1111 and ComfyUI load)")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_file():
+        raise UserError(f"{output}: exists and is not a file")
+    if output.resolve() == source.resolve():
+        raise UserError(f"{output}: is the input file")
+
+
+def _write(output: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file written under a temporary name, then renamed."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{output.parent}: cannot create the output folder ({exc.strerror or exc})")
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write ({exc.strerror or exc})")
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def export_adapter(lora: str | Path, fmt: str, output: str | Path,
                    config: str | Path = "configs/stable-diffusion/v1-inference.yaml",
                    alpha: float | None = None, overwrite: bool = False) -> ExportResult:
@@ -217,22 +248,17 @@ def export_adapter(lora: str | Path, fmt: str, output: str | Path,
     alpha: the scale of a release lora.pth (default 8); for our files the alpha in the metadata is used unless
     given (as ldm.erasure.io.load_adapter does).
     """
-    from ldm.erasure.io import read_adapter
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     lora, output = Path(lora), Path(output)
-    if output.suffix != ".safetensors":
-        raise UserError(f"{output}: the output must be a .safetensors file (what diffusers, A1111 and ComfyUI load)")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output}: exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_file():
-        raise UserError(f"{output}: exists and is not a file")
-    if output.resolve() == lora.resolve():
-        raise UserError(f"{output}: is the input file")
+    _check_output(lora, output, overwrite)
     if alpha is not None and not (float(alpha) == float(alpha) and abs(float(alpha)) < float("inf")):
         raise UserError(f"--alpha {alpha}: not a finite number")
     unet_config = load_unet_config(config)
     tensors, meta = read_adapter(lora)
+    if meta.get("delta_kind", "lora") != "lora":
+        raise UserError(f"{lora}: a {meta['delta_kind']!r} delta, not a LoRA: export it with --format merged or "
+                        "diffusers_unet (base + delta, with --ckpt)")
     unet = meta_unet(unet_config)
     ranks = _validate(lora, tensors, unet)
     if alpha is None:
@@ -263,26 +289,60 @@ def export_adapter(lora: str | Path, fmt: str, output: str | Path,
                     "ss_network_dim": "Dynamic" if dynamic else str(common_rank),
                     "ss_network_alpha": "Dynamic" if dynamic else repr(alpha * common_rank), **note}
 
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{output.parent}: cannot create the output folder ({exc.strerror or exc})")
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
-        save_file(out, str(tmp), metadata=metadata)
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise UserError(f"{output}: cannot write ({exc.strerror or exc})")
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _write(output, out, metadata)
     return ExportResult(str(output), fmt, len(ranks), sorted(rank_counts), alpha, len(out), output.stat().st_size)
 
 
 def summary(res: ExportResult) -> str:
+    if res.fmt in MERGED_FORMATS:
+        return f"wrote {res.output}: {res.fmt} (base + delta), {res.tensors} tensors, {res.bytes} bytes"
     ranks = "/".join(map(str, res.ranks))
     scale = ("alpha folded into lora_B" if res.fmt == "diffusers"
              else f"kohya alpha = {res.alpha:g} x rank")
     return (f"wrote {res.output}: {res.fmt} layout, {res.layers} layers, rank {ranks}, alpha {res.alpha:g} "
             f"({scale}), {res.tensors} tensors, {res.bytes} bytes")
 
+
+
+# -----------------------------------------------------------------------------
+# merged exports: base + delta as whole weights (any delta kind; ESD's full deltas above all)
+#
+#   merged          a single-file checkpoint, CompVis keys (model.diffusion_model.*, first_stage_model.*,
+#                   cond_stage_model.*): what A1111 / ComfyUI load as a model, and ldm.loader loads back
+#   diffusers_unet  the UNet alone, diffusers' keys (down_blocks.0.resnets.0.conv1.weight, ...): the
+#                   diffusion_pytorch_model.safetensors of a diffusers model folder's unet/ (or --unet_weights)
+
+MERGED_FORMATS = ("merged", "diffusers_unet")
+
+
+def merged_state_dict(model, delta: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights (CompVis keys) with the delta file folded in: W + dW, b + db on every layer it adapts.
+    The file is checked as load_adapter checks it (keys, shapes, finite values, base fingerprint)."""
+    if delta_layers(model.unet):
+        raise ValueError("merged_state_dict: the model already carries adapters")
+    load_adapter(delta, model.unet)
+    bake(model.unet)                # the base Parameters now hold W + dW, b + db; no adapter keys left
+    return {k: v.detach().contiguous() for k, v in release_state_dict(model).items()}
+
+
+def diffusers_unet_state_dict(state_dict: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """CompVis model keys -> the UNet's tensors under diffusers' keys (ldm.layouts.unet_key)."""
+    return {unet_key(k[len(UNET_PREFIX):], num_res_blocks): v for k, v in state_dict.items()
+            if k.startswith(UNET_PREFIX)}
+
+
+def export_merged(delta: str | Path, fmt: str, output: str | Path, config: str | Path, ckpt: str | Path,
+                  overwrite: bool = False) -> ExportResult:
+    """Write base (`ckpt`) + delta as `fmt` (MERGED_FORMATS) to `output` (.safetensors), atomically."""
+    delta, output = Path(delta), Path(output)
+    _check_output(delta, output, overwrite)
+    if not Path(ckpt).exists():
+        raise UserError(f"--ckpt {ckpt}: base checkpoint not found (a merged export needs the base weights)")
+    model = load_model_from_config(config, ckpt, verbose=False).requires_grad_(False)
+    sd = merged_state_dict(model, delta)
+    if fmt == "diffusers_unet":
+        sd = diffusers_unet_state_dict(sd, int(load_unet_config(config).params.num_res_blocks))
+    meta = {"format": "pt", "unguide_source": delta.name, "unguide_base": Path(ckpt).name,
+            "unguide_note": "base + delta merged: " + GATING_NOTE}
+    _write(output, sd, meta)
+    return ExportResult(str(output), fmt, 0, [], 1.0, len(sd), output.stat().st_size)

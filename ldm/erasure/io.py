@@ -18,9 +18,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+import ldm.erasure.full  # noqa: F401  (registers the kind "full")
 import ldm.erasure.lora  # noqa: F401  (registers the kind "lora")
 import ldm.erasure.sepce  # noqa: F401  (registers the kind "basis")
-from ldm.erasure.delta import DELTA_KINDS, Delta, DeltaLinear, delta_kind, delta_layers, delta_state_dict, inject_delta
+from ldm.erasure.delta import (DELTA_KINDS, Delta, DeltaLayer, delta_kind, delta_layers, delta_state_dict,
+                               inject_delta, wrapper_for)
 from ldm.errors import UserError
 
 FORMAT = "unguide-lora/1"
@@ -45,7 +47,7 @@ def base_fingerprint(unet: nn.Module, targets: list[str]) -> list[float]:
     def base_weight(name: str) -> torch.Tensor:
         m = unet.get_submodule(name)
         w = m.weight.detach().float()
-        return w - m.delta_weight().detach().float() if isinstance(m, DeltaLinear) and m.merged else w
+        return w - m.delta_weight().detach().float() if isinstance(m, DeltaLayer) and m.merged else w
     picks = [targets[0], targets[-1]] if targets else []
     return [round(float(base_weight(n).abs().mean()), 6) for n in picks]
 
@@ -122,18 +124,23 @@ def delta_class(path: Path, meta: dict[str, str]) -> type[Delta]:
 
 def _split_keys(path: Path, tensors: dict[str, torch.Tensor], cls: type[Delta],
                 modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {tensor name: tensor}}, every key checked to read <Linear path>.<kind>.<tensor name>."""
+    """{module path: {tensor name: tensor}}, every key checked to read <layer path>.<kind>.<tensor name>."""
     form = " / ".join(f"<module>.{cls.kind}.{t}" for t in cls.tensor_names)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, sep, which = key.rpartition(f".{cls.kind}.")
         if not sep or which not in cls.tensor_names:
             raise UserError(f"{path}: key {key!r} is not of the form {form}")
-        if not isinstance(modules.get(name), nn.Linear):
-            raise UserError(f"{path}: {name!r} is not a Linear layer of this UNet (an adapter for another model?)")
+        if name not in modules or wrapper_for(modules[name]) is None:
+            raise UserError(f"{path}: {name!r} is not a Linear layer of this UNet, nor a Conv2d or norm layer "
+                            "(an adapter for another model?)")
+        if not torch.is_floating_point(value) or not torch.isfinite(value).all():
+            raise UserError(f"{path}: {key} holds non-finite values (NaN or inf)" if torch.is_floating_point(value)
+                            else f"{path}: {key} is not a floating-point tensor ({value.dtype})")
         by_module.setdefault(name, {})[which] = value
+    required = set(cls.tensor_names) - set(cls.optional_tensors)
     for name, parts in by_module.items():
-        if len(parts) != len(cls.tensor_names):
+        if not required <= set(parts):
             have = "only one of" if len(parts) == 1 else "only some of"
             raise UserError(f"{path}: {name} has {have} {' / '.join(f'{cls.kind}.{t}' for t in cls.tensor_names)}")
     return by_module
@@ -146,12 +153,20 @@ def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet:
     modules = dict(unet.named_modules())
     ranks = {}
     for name, parts in _split_keys(path, tensors, cls, modules).items():
-        layer = modules[name]
         try:
-            ranks[name] = cls.fit(layer.in_features, layer.out_features, parts)
+            ranks[name] = cls.fit_layer(modules[name], parts)
         except ValueError as exc:
             raise UserError(f"{path}: {name}: {exc} (an adapter for another base model?)")
     return ranks
+
+
+def _check_layer_set(path: Path, meta: dict[str, str], targets: list[str]) -> None:
+    """The file's tensors cover exactly the layers its metadata lists (a file edited or cut short is refused)."""
+    listed = json.loads(meta.get("targets") or "[]")
+    if listed and set(listed) != set(targets):
+        missing, extra = sorted(set(listed) - set(targets)), sorted(set(targets) - set(listed))
+        raise UserError(f"{path}: its tensors cover other layers than its metadata lists (missing {missing[:3]}, "
+                        f"unlisted {extra[:3]}{', ...' if len(missing) + len(extra) > 6 else ''})")
 
 
 def _check_base(path: Path, meta: dict[str, str], unet: nn.Module, targets: list[str]) -> None:
@@ -181,12 +196,13 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None, 
     cls = delta_class(path, meta)
     ranks = validate_adapter_tensors(path, tensors, unet, cls)
     targets = list(ranks)
+    _check_layer_set(path, meta, targets)
     fmt = meta.get("format", "release-pth" if path.suffix != ".safetensors" else "safetensors")
     _check_base(path, meta, unet, targets)
     alpha = float(alpha if alpha is not None else meta.get("alpha", RELEASE_ALPHA))
 
     def make(target: str, layer: nn.Linear) -> Delta:
-        parts = {t: tensors[f"{target}.{cls.kind}.{t}"] for t in cls.tensor_names}
+        parts = {t: tensors[k] for t in cls.tensor_names if (k := f"{target}.{cls.kind}.{t}") in tensors}
         return cls.from_tensors(parts, alpha, device=layer.weight.device, dtype=layer.weight.dtype)
     inject_delta(unet, targets, make, name)
     return AdapterInfo(str(path), max(ranks.values()), alpha, targets, fmt, meta.get("base_sha256") or None, meta,

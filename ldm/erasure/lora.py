@@ -73,7 +73,9 @@ def inject_lora(unet: nn.Module, targets: list[str], rank: int = 1, alpha: float
                 generator: torch.Generator | None = None, name: str = "lora") -> dict[str, DeltaLinear]:
     """Give the named nn.Linear modules of `unet` a fresh LoRA as adapter `name` (A drawn from `generator`,
     target by target in the given order)."""
-    def make(path: str, layer: nn.Linear) -> LoRA:
+    def make(path: str, layer: nn.Module) -> LoRA:
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{path} is a {type(layer).__name__}, not an nn.Linear (a LoRA adapts Linear layers only)")
         return LoRA(layer.in_features, layer.out_features, rank, alpha, generator,
                     device=layer.weight.device, dtype=layer.weight.dtype)
     return inject_delta(unet, targets, make, name)

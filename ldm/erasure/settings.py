@@ -2,16 +2,22 @@
 train_config.json fields and the adapter file's metadata are all read off `TrainSettings`.
 
 Fields marked `trained` change what is trained: they make the resume fingerprint (a checkpoint written under
-other values is refused). The rest say how and where the run happens.
+other values is refused). The rest say how and where the run happens. A trained field added after the release
+(method, train_method) names its `legacy` value: a state.pt written before it existed lacks the key and is read
+as holding that value (UnGuide's), so old runs still resume.
 """
 from dataclasses import dataclass, field, fields
 
 import torch
 
 
-def trained(**kw):
-    """A field of the resume fingerprint."""
-    return field(metadata={"resume": True}, **kw)
+_NO_LEGACY = object()
+
+
+def trained(legacy=_NO_LEGACY, **kw):
+    """A field of the resume fingerprint; `legacy`: its value for checkpoints written before the field existed."""
+    meta = {"resume": True} if legacy is _NO_LEGACY else {"resume": True, "legacy": legacy}
+    return field(metadata=meta, **kw)
 
 
 def num(v: float) -> str:
@@ -22,9 +28,9 @@ def num(v: float) -> str:
 @dataclass
 class TrainSettings:
     # ---- what is trained (the resume fingerprint; these names are the keys of state.pt's "args") ----------
-    lora_rank: int = trained()
-    lora_alpha: float = trained()
-    targets: list[str] = trained()             # the adapted Linear layers (module paths), once the model is known
+    lora_rank: int | None = trained()          # None for full-rank methods (esd)
+    lora_alpha: float | None = trained()
+    targets: list[str] = trained()             # the adapted layers (module paths), once the model is known
     lr: float = trained()
     target_prompt: str = trained()
     reference_prompt: str = trained()
@@ -38,6 +44,8 @@ class TrainSettings:
     seed: int = trained()
     preserve: list[str] | None = trained()     # None when there are no preservation prompts
     preserve_weight: float | None = trained()  # None when there are no preservation prompts
+    method: str = trained(default="unguide", legacy="unguide")         # a key of ldm.erasure.methods.METHODS
+    train_method: str | None = trained(default=None, legacy=None)      # ESD's parameter set (esd only)
     # ---- how and where ---------------------------------------------------------------------------------------
     iterations: int = 200
     config: str = ""
@@ -57,8 +65,19 @@ class TrainSettings:
     def fingerprint(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("resume")}
 
+    @classmethod
+    def legacy_values(cls) -> dict:
+        """{field: value} for fingerprint keys that checkpoints written before the field existed lack."""
+        return {f.name: f.metadata["legacy"] for f in fields(cls) if "legacy" in f.metadata}
+
     def run_name(self) -> str:
-        """The release's folder name, e.g. class_name_cat_lora_rank_1_lora_alpha_8_iterations_200_lr_3e-05_..."""
+        """The release's folder name, e.g. class_name_cat_lora_rank_1_lora_alpha_8_iterations_200_lr_3e-05_...;
+        other methods put theirs first: method_esd_class_name_cat_train_method_xattn_iterations_1000_..."""
+        if self.method != "unguide":
+            parts = {"method": self.method, "class_name": self.class_name, "train_method": self.train_method,
+                     "iterations": self.iterations, "lr": self.lr, "start_guidance": num(self.start_guidance),
+                     "negative_guidance": num(self.negative_guidance), "ddim_steps": self.ddim_steps}
+            return "_".join(f"{k}_{v}" for k, v in parts.items() if v is not None)
         parts = {"class_name": self.class_name, "lora_rank": self.lora_rank, "lora_alpha": num(self.lora_alpha),
                  "iterations": self.iterations, "lr": self.lr, "start_guidance": self.start_guidance,
                  "negative_guidance": self.negative_guidance, "ddim_steps": self.ddim_steps}
@@ -69,7 +88,9 @@ class TrainSettings:
     def config_record(self) -> dict:
         """train_config.json before training: the release's keys first, then ours (the loop fills in the
         losses, status and timing)."""
-        alpha = int(self.lora_alpha) if float(self.lora_alpha).is_integer() else self.lora_alpha
+        alpha = self.lora_alpha
+        alpha = int(alpha) if alpha is not None and float(alpha).is_integer() else alpha
+        ours = {} if self.method == "unguide" else {"method": self.method, "train_method": self.train_method}
         return {
             "config": self.config, "ckpt": self.ckpt, "lora_rank": self.lora_rank, "lora_alpha": alpha,
             "target_modules": self.target_modules, "iterations": self.iterations, "lr": self.lr,
@@ -81,11 +102,14 @@ class TrainSettings:
             "average_loss": None, "arguments": self.arguments, "seed": self.seed, "schedule": self.schedule,
             "precision": self.precision, "target_preset": self.target_preset, "target_layers": self.targets,
             "base_sha256": self.base_sha256, "device": self.device, "torch_version": torch.__version__,
-            "status": "running", "iterations_done": 0,
+            "status": "running", "iterations_done": 0, **ours,
         }
 
     def adapter_metadata(self) -> dict[str, str]:
         """What the adapter file records of the run (besides its status, which the loop adds)."""
         return {"class_name": self.class_name, "target_prompt": self.target_prompt,
                 "reference_prompt": self.reference_prompt, "lr": repr(float(self.lr)), "seed": str(self.seed),
-                "schedule": self.schedule, "ddim_steps": str(self.ddim_steps)}
+                "schedule": self.schedule, "ddim_steps": str(self.ddim_steps),
+                **({} if self.method == "unguide" else {"method": self.method, "train_method": self.train_method,
+                                                        "start_guidance": repr(float(self.start_guidance)),
+                                                        "negative_guidance": repr(float(self.negative_guidance))})}

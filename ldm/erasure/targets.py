@@ -9,8 +9,19 @@
 
 Anything else is read as name suffixes, e.g. ["attn2.to_k", "attn2.to_v"] (the release's --target_modules).
 Only nn.Linear layers qualify; the 1x1 convolutions (proj_in, proj_out) are never adapted.
+
+ESD (`--method esd --train_method ...`) selects PARAMETERS by name, as ESD's train-esd.py does over
+`diffusion_model.named_parameters()`: every Linear, Conv2d and norm weight and bias whose name matches
+(esd_parameter_names); esd_layers gives the layers that own them, which carry a full delta (ldm/erasure/full.py).
+
+    xattn      names containing "attn2"
+    noxattn    all but names starting "out." or containing "attn2" or "time_embed"
+    selfattn   names containing "attn1"
+    full       all
 """
 import torch.nn as nn
+
+from ldm.erasure.delta import Delta
 
 DEFAULT_TARGETS = ["attn2.to_k", "attn2.to_v"]
 
@@ -63,3 +74,35 @@ def describe_targets(names: list[str]) -> str:
         kind = ".".join(parts[cut:])
         kinds[kind] = kinds.get(kind, 0) + 1
     return f"{len(names)} layers: " + ", ".join(f"{k} x{v}" for k, v in kinds.items())
+
+
+ESD_TRAIN_METHODS = {
+    "xattn": lambda n: "attn2" in n,
+    "noxattn": lambda n: not (n.startswith("out.") or "attn2" in n or "time_embed" in n),
+    "selfattn": lambda n: "attn1" in n,
+    "full": lambda n: True,
+}
+
+
+def esd_parameter_names(unet: nn.Module, train_method: str) -> list[str]:
+    """The UNet parameter names ESD trains for `train_method` (its rule on parameter names), in module order."""
+    if train_method not in ESD_TRAIN_METHODS:
+        raise ValueError(f"train method {train_method!r} is not one of {', '.join(ESD_TRAIN_METHODS)}")
+    deltas = {id(p) for m in unet.modules() if isinstance(m, Delta) for p in m.parameters()}  # not base weights
+    return [n for n, p in unet.named_parameters() if id(p) not in deltas and ESD_TRAIN_METHODS[train_method](n)]
+
+
+def esd_layers(unet: nn.Module, train_method: str) -> list[str]:
+    """The module paths that own ESD's parameters for `train_method`; ValueError when a selected parameter is
+    not the weight or bias of a layer (then a full delta could not carry it) or a layer is half-selected."""
+    names = esd_parameter_names(unet, train_method)
+    layers: dict[str, set[str]] = {}
+    for n in names:
+        path, _, pname = n.rpartition(".")
+        layers.setdefault(path, set()).add(pname)
+    for path, pnames in layers.items():
+        own = {k for k, v in unet.get_submodule(path).named_parameters(recurse=False)}
+        if not pnames <= {"weight", "bias"} or pnames != own:
+            raise ValueError(f"{path}: ESD's {train_method} selects {sorted(pnames)} of its {sorted(own)}; "
+                             "a full delta carries a layer's weight and bias together")
+    return list(layers)

@@ -160,8 +160,9 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
 
-def read_state(path: Path, fingerprint: dict, tensor_keys) -> dict:
-    """A run's state.pt, refused when unreadable or written under other settings or for other tensors."""
+def read_state(path: Path, fingerprint: dict, tensor_keys, legacy: dict | None = None) -> dict:
+    """A run's state.pt, refused when unreadable or written under other settings or for other tensors.
+    legacy: {key: value} for fingerprint keys an older state.pt lacks (read as that value)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -169,7 +170,7 @@ def read_state(path: Path, fingerprint: dict, tensor_keys) -> dict:
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
     if not isinstance(state, dict) or not {"iteration", "args", "generator", "lora", "optimizer"} <= set(state):
         raise UserError(f"{path}: not a training checkpoint of train.py")
-    saved = state["args"]
+    saved = {**(legacy or {}), **state["args"]}
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
     if diff:
         raise UserError(f"{path}: cannot resume, the run's settings differ ({'; '.join(diff)[:400]})")
@@ -253,7 +254,8 @@ class TrainingRun:
         """Train; returns the exit code (0, EXIT_DIVERGED, EXIT_INTERRUPTED or EXIT_TERMINATED)."""
         s, t = self.settings, self.trainer
         if s.resume:
-            t.load_state_dict(read_state(self.files.state, s.fingerprint(), self.method.tensors))
+            t.load_state_dict(read_state(self.files.state, s.fingerprint(), self.method.tensors,
+                                                 s.legacy_values()))
             self.start = t.done
             print(f"resumed from {self.files.state} at iteration {self.start}/{s.iterations}")
         self.record["iterations_done"] = self.start

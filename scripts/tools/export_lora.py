@@ -3,6 +3,12 @@
     python -m scripts.tools.export_lora --lora out/lora.safetensors --format diffusers --output exports/lora_diffusers.safetensors
     python -m scripts.tools.export_lora --lora lora.pth --format kohya --output exports/lora_kohya.safetensors   # release file
 
+    python -m scripts.tools.export_lora --lora esd/models/lora.safetensors --format merged --ckpt models/sd-v1-4.ckpt --output exports/esd.safetensors
+    python -m scripts.tools.export_lora --lora esd/models/lora.safetensors --format diffusers_unet --ckpt models/sd-v1-4.ckpt --output exports/unet/diffusion_pytorch_model.safetensors
+
+merged: base + delta as a single-file checkpoint (CompVis keys; A1111 / ComfyUI models folder, or --ckpt here);
+diffusers_unet: the merged UNet under diffusers' keys (a model folder's unet/, or --unet_weights here). These
+take any delta file, ESD's full deltas (train.py --method esd) among them, and need the base --ckpt.
 diffusers: `pipe.load_lora_weights("exports", weight_name="lora_diffusers.safetensors")` (PEFT keys, alpha folded
            into lora_B). kohya: AUTOMATIC1111 / ComfyUI LoRA folders (lora_unet_* keys, .alpha = alpha x rank).
 Exports keep the adapter, always applied; they lose UnGuidance's per-prompt gating, which needs this project's
@@ -14,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 from ldm.cli import run
-from ldm.erasure.export import FORMATS, RELEASE_ALPHA, export_adapter, summary
+from ldm.erasure.export import FORMATS, MERGED_FORMATS, RELEASE_ALPHA, export_adapter, export_merged, summary
+from ldm.errors import UserError
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 REMINDER = ("note: the export keeps the adapter (always applied, to every prompt); it loses UnGuidance's "
@@ -24,7 +31,10 @@ REMINDER = ("note: the export keeps the adapter (always applied, to every prompt
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora", required=True, help="our adapter (.safetensors) or a release lora.pth")
-    p.add_argument("--format", required=True, choices=FORMATS, help="diffusers (PEFT keys) or kohya (A1111/ComfyUI)")
+    p.add_argument("--format", required=True, choices=FORMATS + MERGED_FORMATS,
+                   help="diffusers (PEFT keys) or kohya (A1111/ComfyUI): a LoRA file; merged (single-file "
+                        "checkpoint) or diffusers_unet (UNet state dict): base + any delta, needs --ckpt")
+    p.add_argument("--ckpt", default=None, help="the base model (merged / diffusers_unet)")
     p.add_argument("--output", required=True, help="the .safetensors file to write")
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="the base model's config (its UNet layout decides the key map)")
@@ -38,8 +48,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.config == DEFAULT_CONFIG and not Path(args.config).exists() and (ROOT / DEFAULT_CONFIG).exists():
         args.config = str(ROOT / DEFAULT_CONFIG)  # the default, run from outside the repository
-    res = export_adapter(args.lora, args.format, args.output, config=args.config, alpha=args.alpha,
-                         overwrite=args.overwrite)
+    if args.format in MERGED_FORMATS:
+        if args.ckpt is None:
+            raise UserError(f"--format {args.format}: give the base model with --ckpt")
+        res = export_merged(args.lora, args.format, args.output, args.config, args.ckpt, args.overwrite)
+    else:
+        res = export_adapter(args.lora, args.format, args.output, config=args.config, alpha=args.alpha,
+                             overwrite=args.overwrite)
     print(summary(res))
     print(REMINDER)
 

@@ -3,7 +3,7 @@
     python -m scripts.experiments.esd_toy --digit three                    # ESD's defaults (1000 it, lr 1e-5)
     python -m scripts.experiments.esd_toy --digit three --iterations 300 --lr 1e-4 --samples 20
 
-Runs the project's scripts as a user would, on models/toy-digits.safetensors:
+Runs the project's scripts as a user would (each in its own process), on models/toy-digits.safetensors:
     1. train.py --method esd --train_method xattn / noxattn   (ESD-x, ESD-u: ESD's objective, reference "")
     2. compute_lora_diff.py   the stability test of each ESD delta (t_enc 25, 10 repeats)
     3. generate_images.py     base (w1 = w2 = 1), ESD alone (w1 = w2 = 0), UnGuide-ESD (w1 = -1, w2 = 2,
@@ -17,15 +17,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-import compute_lora_diff
-import generate_images
-import train
 from ldm.cli import run, write_json
-from ldm.evaluation.digits import digit_rates
-from ldm.errors import UserError
-from scripts.experiments.e2e_toy import CKPT, CONFIG, ROOT, summarise
+from ldm.evaluation.digits import digit_of_text, digit_rates
+from ldm.evaluation.toy_benchmark import CKPT, CONFIG, IMAGE_SIZE, ROOT, prompt_rate, prompts_file, run_script
+from ldm.prompts import class_dirs, experiment_prompts
 
 VARIANTS = {"x": "xattn", "u": "noxattn"}
 # ESD's defaults (train-esd.py); the toy model may need others (--iterations / --lr), SD keeps these
@@ -51,34 +46,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_args(args) -> list[str]:
+    return ["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device, "--threads", str(args.threads),
+            "--image_size", str(IMAGE_SIZE)]
+
+
 def train_esd(args, prompts_json: Path, train_method: str, out: Path) -> Path:
-    """train.py --method esd; returns the delta file it wrote."""
-    argv = ["--method", "esd", "--train_method", train_method, "--config_path", str(CONFIG), "--ckpt_path",
-            str(CKPT), "--device", args.device, "--prompts_json", str(prompts_json), "--output_dir", str(out),
-            "--image_size", "16", "--ddim_steps", str(args.steps), "--seed", str(args.seed),
-            *(x for key in ESD_DEFAULTS for x in (f"--{key}", str(getattr(args, key))))]
-    train.main(argv)
-    run_dir = out / train.run_name(train.build_parser().parse_args(argv), prompts_json.stem)
-    return run_dir / "models" / "lora.safetensors"
+    """train.py --method esd (reused when that exact run finished before); returns the delta file it wrote."""
+    settings = [x for key in ESD_DEFAULTS for x in (f"--{key}", str(getattr(args, key)))]
+    name = f"esd_{train_method}_" + "_".join(settings[1::2]) + f"_seed{args.seed}"
+    delta = out / name / "models" / "lora.safetensors"
+    if not delta.is_file():
+        run_script("train.py", ["--method", "esd", "--train_method", train_method, *model_args(args),
+                                "--prompts_json", prompts_json, "--output_dir", out, "--run_name", name,
+                                "--ddim_steps", args.steps, "--seed", args.seed, *settings])
+    return delta
 
 
 def sample(args, prompts_json: Path, out: Path, w: tuple[float, float], delta: Path | None = None,
            diff: Path | None = None) -> dict:
     """generate_images.py for every prompt of the JSON, then the digit classifier -> digit_rates' result."""
-    generate_images.main(["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device,
-                          "--output_dir", str(out), "--prompts_json", str(prompts_json), "--samples",
-                          str(args.samples), "--steps", str(args.steps), "--seed", str(args.seed), "--image_size",
-                          "16", "--batch_size", "100", "--guidance", "7.5", "--w1", str(w[0]), "--w2", str(w[1])]
-                         + (["--lora", str(delta)] if delta else []) + (["--diff_results", str(diff)] if diff else []))
+    run_script("generate_images.py", [*model_args(args), "--output_dir", out, "--prompts_json", prompts_json,
+                                      "--samples", args.samples, "--steps", args.steps, "--seed", args.seed,
+                                      "--batch_size", "100", "--guidance", "7.5", "--w1", w[0], "--w2", w[1]]
+               + (["--lora", delta] if delta else []) + (["--diff_results", diff] if diff else []))
     return digit_rates(out / "images")
 
 
 def stability_test(args, prompts_json: Path, delta: Path) -> Path:
     exp = delta.parent.parent
-    compute_lora_diff.main(["--config", str(CONFIG), "--ckpt", str(CKPT), "--device", args.device, "--lora",
-                            str(delta), "--prompts_json", str(prompts_json), "--output_dir", str(exp), "--seed",
-                            str(args.seed), "--image_size", "16", "--ddim_steps", str(args.steps), "--t_enc",
-                            str(args.t_enc), "--repeats", str(args.repeats)])
+    run_script("compute_lora_diff.py", [*model_args(args), "--lora", delta, "--prompts_json", prompts_json,
+                                        "--output_dir", exp, "--seed", args.seed, "--ddim_steps", args.steps,
+                                        "--t_enc", args.t_enc, "--repeats", args.repeats])
     return exp / "calc_diff_results.json"
 
 
@@ -100,14 +99,11 @@ def rows_of_variant(args, prompts_json: Path, data: dict, folders: dict, v: str,
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    prompts_json = ROOT / "data" / "digits" / f"{args.digit}.json"
-    if not prompts_json.is_file():
-        raise UserError(f"{prompts_json}: no such digit prompts file (use zero .. nine)")
+    prompts_json = prompts_file(args.digit)
     data = json.loads(prompts_json.read_text())
     out = Path(args.out or ROOT / "outputs" / "esd_toy" / args.digit)
     out.mkdir(parents=True, exist_ok=True)
-    folders = generate_images.class_dirs(generate_images.experiment_prompts(data))
+    folders = class_dirs(experiment_prompts(data))
     start, rows = time.time(), {}
     if not args.no_base:
         t0 = time.time()
@@ -133,6 +129,16 @@ def report(args, data: dict, rows: dict, wall: float) -> str:
             f"{args.negative_guidance:g}, DDIM {args.steps}; {args.samples} images per prompt, CFG 7.5, seed "
             f"{args.seed}; stability test t_enc {args.t_enc}, {args.repeats} repeats. Wall time {wall / 60:.1f} min "
             f"({args.threads} thread(s)).\n\n" + "\n".join(table) + "\n")
+
+
+def summarise(res: dict, data: dict, folders: dict, seconds: float) -> dict:
+    """Target / synonym rates of the erased digit and the accuracy on the other digits' prompts."""
+    target = digit_of_text(data["target"])
+    f = res["folders"]
+    return {"target_rate": prompt_rate(f, folders, [data["target"]], lambda p: target),
+            "synonym_rate": prompt_rate(f, folders, data.get("synonyms", []), lambda p: target),
+            "other_accuracy": prompt_rate(f, folders, [p for p in data.get("other", []) if p], digit_of_text),
+            "seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ fine-tuned as a full-rank delta on one copy of the base model, reference prompt 
 <output_dir>/method_esd_class_name_<stem>_train_method_<m>_iterations_<n>_lr_<lr>_start_guidance_<g>
 _negative_guidance_<eta>_ddim_steps_<S>/models/lora.safetensors (delta_kind "full"), which every generation
 script takes as --lora. The LoRA flags (--lora_rank, --lora_alpha, --target_modules, --preserve) mean nothing
-there and are refused.
+there and are refused. --method sepce is SepCE / SRS-ME (ldm/erasure/sepce.py): basis deltas on the cross-attention
+keys and values that leave --preserve's prompts' tokens alone, stopped by its momentum rule (--reg_beta, --threshold,
+--scale_factor, --sepce_*; SRS-ME's defaults: at most 1000 iterations, lr 1e-6).
 
 One copy of the base model is loaded: the frozen predictions e_0/e_p come from the same weights with the
 adapters switched off (ldm/erasure/objective.py). Output, as the UnGuide release:
@@ -51,8 +53,12 @@ METHOD_DEFAULTS = {
     "unguide": {"iterations": 200, "lr": 3e-5, "start_guidance": 9.0, "negative_guidance": 2.0, "lora_rank": 1,
                 "lora_alpha": 8, "target_modules": list(DEFAULT_TARGETS), "preserve_weight": 1.0},
     "esd": {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0, "train_method": "xattn"},
+    # SepCE's release defaults (SRS_ME.py); start/negative guidance are not used by its objective
+    "sepce": {"iterations": 1000, "lr": 1e-6, "start_guidance": 3.0, "negative_guidance": 1.0},
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "target_modules", "preserve", "preserve_weight")
+REFUSED = {"unguide": ("train_method",), "esd": LORA_ONLY,                  # flags that mean nothing for a method
+           "sepce": ("lora_rank", "lora_alpha", "target_modules", "preserve_weight", "train_method")}
 build_method = build_unguide  # the name tests and benchmarks know
 
 
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_json", default="data/cat.json",
                    help='{"target": ..., "reference": ...}; a name ending in nsfw.json selects the nsfw preset')
     p.add_argument("--method", choices=list(METHODS), default="unguide",
-                   help="unguide (a LoRA, the release) or esd (ESD's full fine-tuning of --train_method's parameters)")
+                   help="unguide (a LoRA, the release), esd (ESD's full fine-tuning of --train_method's parameters) "
+                        "or sepce (SepCE's separable basis deltas; --preserve: the prompts they leave alone)")
     p.add_argument("--train_method", choices=list(ESD_TRAIN_METHODS), default=None,
                    help="--method esd: which UNet parameters ESD trains (default xattn)")
     p.add_argument("--iterations", type=positive(int), default=None, help="optimisation steps; default 200 (esd: 1000)")
@@ -97,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["standard", "release"], default="standard",
                    help="DDIM timesteps: standard (981..1) or release (drops 981: 49 steps from 961)")
     p.add_argument("--save_losses", action="store_true", help="write losses.csv and losses.png")
+    g = p.add_argument_group("--method sepce (SRS-ME's release defaults)")
+    g.add_argument("--reg_beta", type=finite, default=1e-5, help="beta of the L1 penalty on dW")
+    g.add_argument("--threshold", type=finite, default=5e-5, help="momentum stop: EMA (0.9) of corr below this")
+    g.add_argument("--scale_factor", type=finite, default=1e-2, help="alpha of dW = alpha V B")
+    g.add_argument("--sepce_tokens", choices=["all", "content"], default="all",
+                   help="preserved tokens: all 77 of each prompt, or its content tokens (narrow text spaces)")
+    g.add_argument("--sepce_rtol", type=finite, default=1e-6, help="null space: singular values <= rtol * max")
+    g.add_argument("--sepce_pad_rtol", type=finite, default=None,
+                   help="--sepce_tokens content: tolerance for the padding tokens (default: ignore them)")
+    g.add_argument("--sepce_images", type=positive(int), default=20, help="concept images drawn by the base model")
     p.add_argument("--save_every", type=positive(int), default=50, help="resumable checkpoint every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint/state.pt")
     return p
@@ -108,12 +125,14 @@ def apply_method_defaults(args) -> None:
     given = getattr(args, "_given", None)
     if given is None:  # first call: remember which flags the user gave
         given = args._given = [k for k in (*LORA_ONLY, "train_method") if getattr(args, k, None) is not None]
-    if args.method != "unguide" and any(k in LORA_ONLY for k in given):
-        flags = ", ".join(f"--{k}" for k in given if k in LORA_ONLY)
-        raise UserError(f"{flags}: LoRA options; --method {args.method} trains a full-rank delta "
-                        f"(choose its parameters with --train_method)")
-    if args.method == "unguide" and "train_method" in given:
+    refused = [k for k in given if k in REFUSED[args.method]]
+    if refused and args.method == "unguide":
         raise UserError("--train_method: ESD's parameter sets, for --method esd (UnGuide: --target_modules)")
+    if refused:
+        flags = ", ".join(f"--{k}" for k in refused)
+        raise UserError(f"{flags}: not options of --method {args.method} (" + (
+            "it trains a full-rank delta; choose its parameters with --train_method)" if args.method == "esd" else
+            "its deltas sit on the cross-attention keys and values; --preserve names the prompts they leave alone)"))
     for key, value in METHOD_DEFAULTS[args.method].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -123,7 +142,14 @@ def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
     """The run's settings; targets and base_sha256 are filled in once the model and checkpoint are read."""
     apply_method_defaults(args)
     if args.method != "unguide":
-        return _full_rank_settings(args, prompts)
+        settings = _full_rank_settings(args, prompts)
+        if args.method == "sepce":
+            settings = replace(settings, preserve=list(args.preserve or []), target_preset=["default"], train_method=None,
+                               sepce={"reg_beta": args.reg_beta, "threshold": args.threshold,
+                                      "scale_factor": args.scale_factor, "tokens": args.sepce_tokens,
+                                      "rtol": args.sepce_rtol, "pad_rtol": args.sepce_pad_rtol,
+                                      "images": args.sepce_images})
+        return settings
     nsfw = os.path.basename(args.prompts_json).endswith("nsfw.json")
     preserve = list(args.preserve) if args.preserve else None
     return TrainSettings(
@@ -202,8 +228,8 @@ def _train(args) -> int:
     model, device = load_model(args, precision="fp32")  # weights stay fp32; --precision is the autocast dtype
     model.requires_grad_(False)
     try:
-        targets = (select_targets(model.unet, settings.target_preset) if args.method == "unguide"
-                   else esd_layers(model.unet, args.train_method))
+        targets = (esd_layers(model.unet, args.train_method) if args.method == "esd"
+                   else select_targets(model.unet, settings.target_preset))
         model.latent_shape(settings.image_size)  # the image size against the VAE's factor
     except ValueError as exc:
         spec = " ".join(settings.target_preset)

@@ -2,6 +2,7 @@
 restatement, the momentum stop, composition by summation, file I/O, the weight residual, bad input. CPU."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,31 @@ def test_bad_input_is_one_line(base):
         build_sepce_method(model, PRESERVE[0], settings(), torch.Generator(), latent_shape=(4, 8, 8))
     assert not delta_layers(model.unet)
     assert relative_residual(torch.zeros(0, 64), emb[0]) == 0.0
+
+
+def test_train_py_method_sepce_writes_a_separable_basis_delta(tmp_path, capsys):
+    """train.py --method sepce on the toy model: the file is a "basis" delta that every reader loads, whose shift
+    leaves the preserved prompts' content tokens alone; LoRA-only flags are refused in one line."""
+    import json
+    import train
+    from ldm.cli import run
+    from ldm.erasure.io import load_adapter
+    from ldm.erasure.sepce import weight_residual
+    from ldm.loader import load_model_from_config
+    root = Path(__file__).resolve().parents[1]
+    toy = [str(root / "configs/toy/digits-inference.yaml"), str(root / "models/toy-digits.safetensors")]
+    preserve = ["a photo of the digit seven", "a photo of the digit five"]
+    argv = ["--method", "sepce", "--config_path", toy[0], "--ckpt_path", toy[1], "--device", "cpu",
+            "--prompts_json", str(root / "data/digits/three.json"), "--preserve", *preserve, "--sepce_tokens",
+            "content", "--sepce_pad_rtol", "0.1", "--sepce_images", "2", "--iterations", "3", "--lr", "1.0",
+            "--output_dir", str(tmp_path), "--run_name", "sep", "--ddim_steps", "10"]
+    assert train.main(argv) == 0
+    config = json.loads((tmp_path / "sep" / "train_config.json").read_text())
+    assert config["status"] == "complete"
+    model = load_model_from_config(toy[0], toy[1], verbose=False)
+    info = load_adapter(tmp_path / "sep" / "models" / "lora.safetensors", model.unet)
+    assert info.metadata["delta_kind"] == "basis"
+    assert weight_residual(model, "lora", preserve)["content"] < 1e-5
+    with pytest.raises(SystemExit) as e:
+        run(lambda: train.main(argv[:-2] + ["--lora_rank", "2"]))
+    assert e.value.code == 2 and "not options of --method sepce" in capsys.readouterr().err

@@ -8,6 +8,9 @@
               layers owning ESD's parameter set (settings.train_method); the same objective with the reference ""
               and eta = negative guidance: eps(z, t, c) -> eps*(z, t, "") - eta (eps*(z, t, c) - eps*(z, t, ""))
 
+    sepce     SepCE / SRS-ME: a basis delta (dW = alpha V B, B fixed: the null space of the preserved prompts'
+              tokens) on the cross-attention keys and values, its correlation objective and momentum stop
+
 A method adds itself with one line: METHODS["name"] = builder. Both methods keep ONE copy of the base weights:
 the frozen predictions are the same UNet with its deltas switched off.
 """
@@ -71,4 +74,18 @@ def build_esd(model, s: TrainSettings, generator: torch.Generator, autocast) -> 
     return method
 
 
-METHODS: dict[str, Builder] = {"unguide": build_unguide, "esd": build_esd}
+def build_sepce(model, s: TrainSettings, generator: torch.Generator, autocast) -> Method:
+    """SepCE: a basis delta per layer (dW = alpha V B, B spanning the null space of the preserved prompts' tokens),
+    its objective and momentum stop (ldm/erasure/sepce.py); the concept's images drawn by the base model."""
+    from ldm.erasure.sepce import SepCESettings, build_sepce_method
+    sep = SepCESettings(preserve=list(s.preserve or []), iterations=s.iterations, lr=s.lr, seed=s.seed,
+                        image_steps=s.ddim_steps, ddim_steps=s.ddim_steps, targets=list(s.targets), **s.sepce)
+    method, info = build_sepce_method(model, s.target_prompt, sep, generator,
+                                      latent_shape=model.latent_shape(s.image_size), base_sha256=s.base_sha256)
+    print(f"SepCE: basis deltas on {len(s.targets)} layers, null space {info['dims']} dims, "
+          f"{sum(p.numel() for p in method.tensors.values()):,} trainable parameters; preserving "
+          f"{len(sep.preserve) + 1} prompts ('' included); " + _device_note(model, s, autocast))
+    return method
+
+
+METHODS: dict[str, Builder] = {"unguide": build_unguide, "esd": build_esd, "sepce": build_sepce}

@@ -46,6 +46,7 @@ class TrainSettings:
     preserve_weight: float | None = trained()  # None when there are no preservation prompts
     method: str = trained(default="unguide", legacy="unguide")         # a key of ldm.erasure.methods.METHODS
     train_method: str | None = trained(default=None, legacy=None)      # ESD's parameter set (esd only)
+    sepce: dict | None = trained(default=None, legacy=None)            # SepCE's options (sepce only)
     # ---- how and where ---------------------------------------------------------------------------------------
     iterations: int = 200
     config: str = ""
@@ -77,6 +78,10 @@ class TrainSettings:
             parts = {"method": self.method, "class_name": self.class_name, "train_method": self.train_method,
                      "iterations": self.iterations, "lr": self.lr, "start_guidance": num(self.start_guidance),
                      "negative_guidance": num(self.negative_guidance), "ddim_steps": self.ddim_steps}
+            if self.sepce:  # SepCE: its own options instead of the guidance scales it does not use
+                parts = {k: v for k, v in parts.items() if not k.endswith("guidance")}
+                parts.update(reg_beta=self.sepce["reg_beta"], threshold=self.sepce["threshold"],
+                             preserve=len(self.preserve or []))
             return "_".join(f"{k}_{v}" for k, v in parts.items() if v is not None)
         parts = {"class_name": self.class_name, "lora_rank": self.lora_rank, "lora_alpha": num(self.lora_alpha),
                  "iterations": self.iterations, "lr": self.lr, "start_guidance": self.start_guidance,

@@ -33,6 +33,14 @@ def prompts_file(digit: str) -> Path:
     return path
 
 
+def two_digits(digits: list[str]) -> tuple[str, str]:
+    """--digits A B of the two-concept benchmarks: two different digit names, checked."""
+    a, b = digits
+    if a == b or a not in WORDS or b not in WORDS:
+        raise UserError(f"--digits {a} {b}: two different names of {', '.join(WORDS)}")
+    return a, b
+
+
 def preserve_prompts(prompts_json: Path) -> list[str]:
     """The preservation prompts for the digit that `prompts_json`'s target names."""
     target = digit_of_text(json.loads(Path(prompts_json).read_text())["target"])

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from ldm.cli import run, write_json
-from ldm.errors import UserError
 from ldm.evaluation.digits import WORDS as NAMES
 from ldm.evaluation.digits import digit_of_text, digit_rates
-from ldm.evaluation.toy_benchmark import ROOT, add_toy_args, generate_argv, prompts_file, run_script, train_adapter
+from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, prompts_file, run_script, train_adapter,
+                                          two_digits)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,9 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    a, b = args.digits
-    if a == b or a not in NAMES or b not in NAMES:
-        raise UserError(f"--digits {a} {b}: two different names of {', '.join(NAMES)}")
+    a, b = two_digits(args.digits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -41,6 +41,7 @@ from ldm.erasure.sepce import SepCESettings, build_sepce_method, weight_residual
 from ldm.erasure.training import Trainer, seeded_generator
 from ldm.errors import UserError
 from ldm.evaluation.digits import digit_rates
+from ldm.evaluation.toy_benchmark import two_digits
 from ldm.loader import load_model_from_config
 from scripts.experiments.separability_toy import NAMES, summarise
 
@@ -216,9 +217,7 @@ def erasure_lines(results: dict) -> str:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    a, b = args.digits
-    if a == b or a not in NAMES or b not in NAMES:
-        raise UserError(f"--digits {a} {b}: two different names of {', '.join(NAMES)}")
+    a, b = two_digits(args.digits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

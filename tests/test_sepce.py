@@ -226,6 +226,7 @@ def test_train_py_method_sepce_writes_a_separable_basis_delta(tmp_path, capsys):
             "content", "--sepce_pad_rtol", "0.1", "--sepce_images", "2", "--iterations", "3", "--lr", "1.0",
             "--output_dir", str(tmp_path), "--run_name", "sep", "--ddim_steps", "10"]
     assert train.main(argv) == 0
+    assert "SepCE separability: max ||dW e|| / ||W e||" in capsys.readouterr().out
     config = json.loads((tmp_path / "sep" / "train_config.json").read_text())
     assert config["status"] == "complete"
     model = load_model_from_config(toy[0], toy[1], verbose=False)

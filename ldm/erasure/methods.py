@@ -77,7 +77,7 @@ def build_esd(model, s: TrainSettings, generator: torch.Generator, autocast) -> 
 def build_sepce(model, s: TrainSettings, generator: torch.Generator, autocast) -> Method:
     """SepCE: a basis delta per layer (dW = alpha V B, B spanning the null space of the preserved prompts' tokens),
     its objective and momentum stop (ldm/erasure/sepce.py); the concept's images drawn by the base model."""
-    from ldm.erasure.sepce import SepCESettings, build_sepce_method
+    from ldm.erasure.sepce import SepCESettings, build_sepce_method, weight_residual
     sep = SepCESettings(preserve=list(s.preserve or []), iterations=s.iterations, lr=s.lr, seed=s.seed,
                         image_steps=s.ddim_steps, ddim_steps=s.ddim_steps, targets=list(s.targets), **s.sepce)
     method, info = build_sepce_method(model, s.target_prompt, sep, generator,
@@ -85,6 +85,14 @@ def build_sepce(model, s: TrainSettings, generator: torch.Generator, autocast) -
     print(f"SepCE: basis deltas on {len(s.targets)} layers, null space {info['dims']} dims, "
           f"{sum(p.numel() for p in method.tensors.values()):,} trainable parameters; preserving "
           f"{len(sep.preserve) + 1} prompts ('' included); " + _device_note(model, s, autocast))
+    save = method.save
+
+    def save_and_report(path: Path, extra: dict[str, str]) -> None:
+        save(path, extra)
+        r = weight_residual(model, "lora", sep.preserve)  # the separability the run's summary states
+        print(f"SepCE separability: max ||dW e|| / ||W e|| over the preserved prompts' tokens = {r['content']:.2e} "
+              f"(content tokens), {r['all']:.2e} (all 77)")
+    method.save = save_and_report
     return method
 
 

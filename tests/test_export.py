@@ -281,3 +281,16 @@ def test_cli_subprocess(tmp_path, base):
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "per-prompt gating" in proc.stdout
     assert len(load_file(str(out))) == 3 * len(lora_layers(unet))
+
+
+def test_export_takes_the_config_the_adapter_was_trained_with(tmp_path, capsys):
+    """A toy-model adapter exports without --config: train.py records its config in the adapter's metadata."""
+    import train
+    root = REPO
+    assert train.main(["--config_path", str(root / "configs/toy/digits-inference.yaml"), "--ckpt_path",
+                       str(root / "models/toy-digits.safetensors"), "--prompts_json", str(root / "data/digits/three.json"),
+                       "--iterations", "1", "--output_dir", str(tmp_path), "--run_name", "r", "--device", "cpu"]) == 0
+    code, out, err = export(["--lora", str(tmp_path / "r/models/lora.safetensors"), "--format", "kohya",
+                             "--output", str(tmp_path / "k.safetensors")], capsys)
+    assert code == 0, err
+    assert "recorded in" in out and len(load_file(str(tmp_path / "k.safetensors"))) == 3 * 8

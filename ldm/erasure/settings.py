@@ -112,7 +112,7 @@ class TrainSettings:
 
     def adapter_metadata(self) -> dict[str, str]:
         """What the adapter file records of the run (besides its status, which the loop adds)."""
-        return {"class_name": self.class_name, "target_prompt": self.target_prompt,
+        return {"class_name": self.class_name, "target_prompt": self.target_prompt, "config": self.config,
                 "reference_prompt": self.reference_prompt, "lr": repr(float(self.lr)), "seed": str(self.seed),
                 "schedule": self.schedule, "ddim_steps": str(self.ddim_steps),
                 **({} if self.method == "unguide" else {"method": self.method, "train_method": self.train_method,

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 from ldm.cli import run
+from ldm.erasure.io import read_adapter
 from ldm.erasure.export import FORMATS, MERGED_FORMATS, RELEASE_ALPHA, export_adapter, export_merged, summary
 from ldm.errors import UserError
 
@@ -36,8 +37,9 @@ def parse_args(argv=None):
                         "checkpoint) or diffusers_unet (UNet state dict): base + any delta, needs --ckpt")
     p.add_argument("--ckpt", default=None, help="the base model (merged / diffusers_unet)")
     p.add_argument("--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="the base model's config (its UNet layout decides the key map)")
+    p.add_argument("--config", default=None,
+                   help="the base model's config (its UNet layout decides the key map); default: the one the adapter "
+                        f"was trained with (its metadata), else {DEFAULT_CONFIG}")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"adapter scale for a release lora.pth (default {RELEASE_ALPHA:g}); our files carry theirs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -46,6 +48,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.config = args.config or trained_config(args.lora) or DEFAULT_CONFIG
     if args.config == DEFAULT_CONFIG and not Path(args.config).exists() and (ROOT / DEFAULT_CONFIG).exists():
         args.config = str(ROOT / DEFAULT_CONFIG)  # the default, run from outside the repository
     if args.format in MERGED_FORMATS:
@@ -57,6 +60,18 @@ def main(argv=None) -> None:
                              overwrite=args.overwrite)
     print(summary(res))
     print(REMINDER)
+
+
+def trained_config(lora: str) -> str | None:
+    """The config an adapter file says it was trained with (train.py records it), when that file exists here."""
+    path = Path(lora)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    config = read_adapter(path)[1].get("config")
+    if config and (Path(config).is_file() or (ROOT / config).is_file()):
+        print(f"config: {config} (recorded in {path})")
+        return config if Path(config).is_file() else str(ROOT / config)
+    return None
 
 
 if __name__ == "__main__":

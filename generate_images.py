@@ -1,7 +1,8 @@
 """UnGuidance images for the prompts of erasure experiments: eps = w * CFG_base + (1 - w) * CFG_adapted.
 
 Experiment-folder mode (the release's): every subfolder of --output_dir holding models/lora.* (.safetensors or
-the release's .pth), calc_diff_results.json (compute_lora_diff.py) and train_config.json:
+the release's .pth), calc_diff_results.json (compute_lora_diff.py) and train_config.json (each experiment folder
+gets run_config.json and decisions.json, as in explicit mode):
     python generate_images.py --config configs/stable-diffusion/v1-inference.yaml --ckpt models/sd-v1-4.ckpt \
         --output_dir output/ --samples 10 --steps 50 --w1 -1 --w2 2 --seed 2024
     -> output/<exp>/images/<class>/<idx:05d>.jpg  for the target, synonyms and others ("" dropped)
@@ -80,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="explicit mode: a prompt (repeatable)")
     p.add_argument("--diff_results", nargs="+", default=None,
                    help="explicit mode: calc_diff_results.json, one per --lora file (same order)")
+    p.add_argument("--folder_names", choices=["last_word", "prompt"], default="last_word",
+                   help="image folder of a prompt: its last word (the release's; a slug of the whole prompt where two "
+                        "share one) or always a slug of the whole prompt")
     p.add_argument("--sum_in_weights", action="store_true",
                    help="several adapters as ONE model: the base plus the sum of their weight deltas (SepCE's "
                         "composition); needs --w1 == --w2 (no per-adapter decision)")
@@ -101,7 +105,7 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
     ws[p][k] is prompt p's weight for adapters[k] (no adapter: ws[p] == [] and the base model samples);
     dirs: {prompt: folder} (default: class_dirs)."""
     rank, world = shard()
-    dirs = dirs or class_dirs(prompts)
+    dirs = dirs or class_dirs(prompts, args.folder_names)
     jobs = [(p, idx) for p in prompts for idx in range(args.samples)
             if idx % world == rank and not image_complete(img_root / dirs[p] / f"{idx:05d}.jpg")]
     if getattr(args, "skip_unrelated", False):  # batch prompts with the same adapters in play: the others are skipped
@@ -198,7 +202,7 @@ def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float 
               "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
               "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
               "skip_unrelated": args.skip_unrelated, "decisions": decisions, "threshold": args.threshold,
-              "decision": args.decision, "sum_in_weights": args.sum_in_weights,
+              "decision": args.decision, "sum_in_weights": args.sum_in_weights, "folder_names": args.folder_names,
               "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}
     if decisions == "on_the_fly":
         config.update(t_enc=args.t_enc, repeats=args.repeats, empty_draws=args.empty_draws)
@@ -223,7 +227,7 @@ def _record_decisions(out: Path, prompts: list[str], ws: dict, tests: dict, conf
     this folder keep their folders, new ones get unused folders -> {prompt: folder}."""
     old = out / "decisions.json"
     known = json.loads(old.read_text(encoding="utf-8")).get("prompts", {}) if old.is_file() else {}
-    folders = extend_class_dirs({p: v["folder"] for p, v in known.items()}, prompts)
+    folders = extend_class_dirs({p: v["folder"] for p, v in known.items()}, prompts, config.get("folder_names"))
     record = dict(known)
     for p in prompts:
         record[p] = {"folder": folders[p], "w": ws[p],
@@ -281,8 +285,12 @@ def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[in
     if not names:
         ws = {p: [] for p in prompts}
     print(f"{exp.name}: " + ", ".join(f"{p!r}: w={_fmt(w)}" for p, w in ws.items()))
+    config = {**_explicit_config(args, model, names, loras[:len(names)], fixed_w), "mode": "experiment",
+              "decisions": "fixed" if fixed_w is not None else "calc_diff_results"}
+    check_run_config(exp, config, ignore=("ckpt", "lora", "config"))  # an unfinished folder: the same settings
+    folders = _record_decisions(exp, prompts, ws, {}, config)
     with UNetCounter(model.unet) as c:
-        images = generate(model, device, prompts, ws, img_root, args, names)
+        images = generate(model, device, prompts, ws, img_root, args, names, folders)
     return images, c.samples
 
 

@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "precision":
             action.help = "autocast dtype of the UNet (CUDA; bf16 also on CPU); the weights and adapters stay fp32"
     p.add_argument("--prompts_json", default="data/cat.json",
-                   help='{"target": ..., "reference": ...}; a name ending in nsfw.json selects the nsfw preset')
+                   help='{"target": ..., "reference": ...} (README: Files)')
+    p.add_argument("--nsfw_preset", choices=["auto", "on", "off"], default="auto",
+                   help="the nsfw layer preset: auto = when the JSON's name ends in nsfw.json (the release's rule, "
+                        "said in the log); on; off (--target_modules as given)")
     p.add_argument("--method", choices=list(METHODS), default="unguide",
                    help="unguide (a LoRA, the release), esd (ESD's full fine-tuning of --train_method's parameters) "
                         "or sepce (SepCE's separable basis deltas; --preserve: the prompts they leave alone)")
@@ -150,7 +153,8 @@ def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
                                       "rtol": args.sepce_rtol, "pad_rtol": args.sepce_pad_rtol,
                                       "images": args.sepce_images})
         return settings
-    nsfw = os.path.basename(args.prompts_json).endswith("nsfw.json")
+    nsfw = (args.nsfw_preset == "on" or
+            args.nsfw_preset == "auto" and os.path.basename(args.prompts_json).endswith("nsfw.json"))
     preserve = list(args.preserve) if args.preserve else None
     return TrainSettings(
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, targets=[], lr=args.lr,
@@ -217,8 +221,9 @@ def _train(args) -> int:
     autocast = check_input(args, prompts)
     settings = settings_from_args(args, prompts)
     if args.method == "unguide" and settings.target_preset != args.target_modules:
-        print(f"{args.prompts_json} ends in nsfw.json: using the nsfw target preset (as the release), "
-              f"--target_modules {' '.join(args.target_modules)} ignored")
+        print(f"{'--nsfw_preset on' if args.nsfw_preset == 'on' else args.prompts_json + ' ends in nsfw.json'}: using "
+              f"the nsfw target preset (as the release; --nsfw_preset off to keep --target_modules "
+              f"{' '.join(args.target_modules)})")
     run_dir = Path(args.output_dir) / (args.run_name or settings.run_name())
     print(f"run folder: {run_dir}")
     files = RunFiles(run_dir)

@@ -52,12 +52,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "prompt"
 
 
-def extend_class_dirs(known: dict[str, str], prompts: list[str]) -> dict[str, str]:
+def extend_class_dirs(known: dict[str, str], prompts: list[str], style: str | None = "last_word") -> dict[str, str]:
     """{prompt: folder} for `prompts`, keeping the folders of `known` prompts (an earlier run's manifest) and
     giving each new prompt a folder no other prompt uses: a rerun with more prompts never mixes two prompts."""
     out = {p: known[p] for p in prompts if p in known}
     taken = set(known.values())
-    fresh = class_dirs([p for p in prompts if p not in known])
+    fresh = class_dirs([p for p in prompts if p not in known], style or "last_word")
     for p, folder in fresh.items():
         candidate, n = folder, 1
         while candidate in taken:
@@ -67,9 +67,10 @@ def extend_class_dirs(known: dict[str, str], prompts: list[str]) -> dict[str, st
     return {p: out[p] for p in prompts}
 
 
-def class_dirs(prompts: list[str]) -> dict[str, str]:
-    """{prompt: folder}: the last word (the release's class_name), or a slug of the prompt on collisions."""
-    last = {p: _slug(p.split(" ")[-1]) for p in prompts}
+def class_dirs(prompts: list[str], style: str = "last_word") -> dict[str, str]:
+    """{prompt: folder}: the last word (the release's class_name), or a slug of the prompt on collisions;
+    style "prompt": a slug of the whole prompt for every prompt."""
+    last = {p: _slug(p.split(" ")[-1] if style == "last_word" else p)[:120] for p in prompts}
     counts: dict[str, int] = {}
     for v in last.values():
         counts[v] = counts.get(v, 0) + 1

@@ -184,3 +184,23 @@ def test_merge_with_nothing_to_merge_is_one_line(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(lambda: generate_images_nsfw.main(nsfw_argv(world, tmp_path, "--merge")))
     assert e.value.code == 2 and "no decisions.rank*.csv" in capsys.readouterr().err
+
+
+def test_folder_names_flag_and_experiment_mode_records(world, tmp_path):
+    """--folder_names prompt names every folder after its whole prompt; experiment mode records its settings
+    and decisions in the experiment folder, as explicit mode does."""
+    out = tmp_path / "named"
+    generate_images.main(gen_args(world, out, "--prompt", "a photo of the cat", "--folder_names", "prompt"))
+    assert json.loads((out / "decisions.json").read_text())["prompts"]["a photo of the cat"]["folder"] == \
+        "a_photo_of_the_cat"
+    exp = tmp_path / "exps" / "e1"
+    (exp / "models").mkdir(parents=True)
+    (exp / "models" / "lora.safetensors").write_bytes(world["a"].read_bytes())
+    pj = tmp_path / "p.json"
+    pj.write_text(json.dumps({"target": "a photo of the cat", "other": ["a red car", ""]}))
+    (exp / "train_config.json").write_text(json.dumps({"prompts_json": str(pj)}))
+    argv = [a for a in gen_args(world, tmp_path / "exps", lora=None)]
+    generate_images.main(argv)
+    record = json.loads((exp / "decisions.json").read_text())["prompts"]
+    assert set(record) == {"a photo of the cat", "a red car"} and record["a red car"]["w"] == [0.0]
+    assert json.loads((exp / "run_config.json").read_text())["mode"] == "experiment"

@@ -437,3 +437,17 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path, capsys):
     lines = messages(err)
     assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], err
     assert not list(tmp_path.glob("out/**/lora*.safetensors")) and not list(tmp_path.glob("out/**/state.pt"))
+
+
+def test_nsfw_preset_flag_overrides_the_file_name_rule():
+    """--nsfw_preset: auto is the release's rule (a name ending in nsfw.json), on / off force it either way."""
+    import train
+    base = ["--prompts_json", "data/nsfw.json"]
+    for flag, want_nsfw in (([], True), (["--nsfw_preset", "off"], False)):
+        args = train.build_parser().parse_args(base + flag)
+        args.image_size = 16
+        s = train.settings_from_args(args, {"target": "x", "reference": ""})
+        assert (s.target_preset == ["nsfw"]) == want_nsfw
+    args = train.build_parser().parse_args(["--prompts_json", "data/cat.json", "--nsfw_preset", "on"])
+    args.image_size = 16
+    assert train.settings_from_args(args, {"target": "x", "reference": ""}).target_preset == ["nsfw"]

@@ -21,6 +21,7 @@ ldm/evaluation/; this file only parses, dispatches and reports errors.
 import argparse
 import sys
 
+from ldm.cli import HelpFormatter
 from ldm.evaluation import METRICS, UserError
 from ldm.evaluation import report
 from ldm.evaluation.common import default_output_dir
@@ -33,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(description="Evaluate generated images (-m METRIC) or compare runs (compare RUN ...).")
+    p = _Parser(description="Evaluate generated images (-m METRIC) or compare runs (compare RUN ...).",
+                formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="*", help="images folder, or: compare RUN_DIR [RUN_DIR ...]")
     p.add_argument("-m", "--metric", choices=sorted(METRICS), help="metric to compute")
     p.add_argument("--images", "--folder", dest="images", help="folder of generated images")

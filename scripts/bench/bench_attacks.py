@@ -14,6 +14,7 @@ import time
 import torch
 
 
+from ldm.cli import HelpFormatter
 from ldm.attacks.factory import concept_latents, draw_target_images, ringabell_attack, unlearndiffatk_attack
 from ldm.attacks.judges import digits_judge
 from ldm.attacks.pipeline import Defended
@@ -48,7 +49,7 @@ def defended_model(defense: str, lora: str | None, args) -> Defended:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--lora", default=None)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ldm.cli import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[2]
 GB = 1024 ** 3
 
@@ -109,7 +111,7 @@ def run_child(mode: str, config: str, ckpt: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"))
     p.add_argument("--tmpdir", default="/tmp", help="where the temporary checkpoint goes (needs ~4.3 GB free)")
     p.add_argument("--_child", help=argparse.SUPPRESS)

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -104,7 +106,7 @@ def trained_tensors(a, model) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"))
     p.add_argument("--ckpt", help="checkpoint (else --random_weights)")
     p.add_argument("--random_weights", action="store_true", help="freshly initialised weights (no checkpoint)")

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 import torch
 
+from ldm.cli import HelpFormatter
 from ldm.erasure.lora import inject_lora, lora_layers
 from ldm.erasure.stability import Estimate, StabilitySettings
 from ldm.erasure.targets import select_targets
@@ -263,7 +264,7 @@ def worker(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------- driver
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs/tiny/tiny-inference.yaml"))
     p.add_argument("--random_weights", action="store_true", help="(always: seeded random weights and adapter)")
     p.add_argument("--device", default="cpu")

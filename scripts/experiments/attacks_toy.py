@@ -17,7 +17,7 @@ import torch
 
 
 from ldm.attacks.pipeline import Decision, Defended
-from ldm.cli import run, write_json
+from ldm.cli import HelpFormatter, run, write_json
 from ldm.erasure.adapters import load_adapters
 from ldm.erasure.decision import get_rule
 from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores
@@ -36,7 +36,7 @@ NAMES = {("base", "release"): "base model", ("adapter", "release"): "adapter alo
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=str(ROOT / "outputs" / "attacks_toy"))
     p.add_argument("--lora", default=None, help="an adapter for three (default: train one)")
     p.add_argument("--samples", type=int, default=5, help="seeds per prompt (4 prompts)")

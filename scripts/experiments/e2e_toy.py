@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.cli import run, write_json
+from ldm.cli import HelpFormatter, run, write_json
 from ldm.evaluation.digits import WORDS, digit_of_text, digit_rates
 from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, prompt_rate, prompts_file, run_script,
                                           train_adapter)
@@ -46,7 +46,7 @@ GROUPS = ("target", "synonyms", "heldout", "others")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--digit", "--digits", dest="digits", nargs="+", default=["three"], help="names: zero .. nine")
     p.add_argument("--train_seeds", type=int, nargs="+", default=[0], help="one adapter per seed")
     p.add_argument("--test_seeds", type=int, nargs="+", default=[0],

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ldm.cli import run, write_json
+from ldm.cli import HelpFormatter, run, write_json
 from ldm.evaluation.digits import digit_of_text, digit_rates
 from ldm.evaluation.toy_benchmark import CKPT, CONFIG, IMAGE_SIZE, ROOT, prompt_rate, prompts_file, run_script
 from ldm.prompts import class_dirs, experiment_prompts
@@ -28,7 +28,7 @@ ESD_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--digit", default="three", help="a name of data/digits/<name>.json (zero .. nine)")
     p.add_argument("--out", default=None, help="output folder (default outputs/esd_toy/<digit>)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ldm.cli import run, write_json
+from ldm.cli import HelpFormatter, run, write_json
 from ldm.evaluation.digits import WORDS as NAMES
 from ldm.evaluation.digits import digit_of_text, digit_rates
 from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, prompts_file, run_script, train_adapter,
@@ -33,7 +33,7 @@ from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, pro
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--digits", nargs=2, default=["three", "seven"], help="the two digits to erase (names)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "separability_toy"))
     p.add_argument("--samples", type=int, default=30, help="images per prompt and configuration")

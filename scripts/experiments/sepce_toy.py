@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
-from ldm.cli import run, write_json
+from ldm.cli import HelpFormatter, run, write_json
 from ldm.erasure.delta import delta_layers, remove_delta
 from ldm.erasure.io import load_adapter
 from ldm.erasure.sepce import SepCESettings, build_sepce_method, weight_residual
@@ -53,7 +53,7 @@ PROMPT = "a photo of the digit {}"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--digits", nargs=2, default=["three", "seven"])
     p.add_argument("--out", default=str(ROOT / "outputs" / "sepce_toy"))
     p.add_argument("--samples", type=int, default=20, help="images per prompt and configuration")

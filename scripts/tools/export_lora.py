@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-from ldm.cli import run
+from ldm.cli import HelpFormatter, run
 from ldm.erasure.io import read_adapter
 from ldm.erasure.export import FORMATS, MERGED_FORMATS, RELEASE_ALPHA, export_adapter, export_merged, summary
 from ldm.errors import UserError
@@ -30,7 +30,7 @@ REMINDER = ("note: the export keeps the adapter (always applied, to every prompt
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--lora", required=True, help="our adapter (.safetensors) or a release lora.pth")
     p.add_argument("--format", required=True, choices=FORMATS + MERGED_FORMATS,
                    help="diffusers (PEFT keys) or kohya (A1111/ComfyUI): a LoRA file; merged (single-file "

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from ldm.cli import HelpFormatter
+
 N_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merge rules of the table
 
 
@@ -46,7 +48,7 @@ def build(bpe_gz: str) -> tuple[dict[str, int], list[str]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("bpe_gz")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "ldm", "modules", "encoders", "clip_tokenizer"))
     args = p.parse_args()

@@ -16,7 +16,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     continuation lines joined."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+        for line in block.replace("\\\n", " ").replace("&&", "\n").splitlines():  # one command a line
             tokens = line.split("#")[0].split()
             if not tokens or tokens[0] not in ("python", "torchrun"):
                 continue

@@ -46,7 +46,7 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.lora import remove_lora
 from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
-from ldm.images import image_complete, save_images, start_noise
+from ldm.images import image_complete, image_format, save_images, start_noise
 from ldm.loader import autocast
 from ldm.prompts import class_dirs, experiment_prompts, extend_class_dirs, read_prompts_json
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
@@ -124,7 +124,7 @@ def generate(model, device, prompts: list[str], ws: dict[str, list[float]], img_
                 decoded = model.decode_first_stage(z).float()
             # --protocol release writes the release's files (truncated to uint8, JPEG 75): ldm.images.IMAGE_FORMATS
             save_images(decoded, [img_root / dirs[p] / f"{idx:05d}.jpg" for p, idx in batch],
-                        "release" if args.protocol == "release" else "ours")
+                        image_format(args.protocol))
             written += len(batch)
             bar.set_postfix_str(f"w={_fmt(ws[ps[-1]])} {ps[-1][:40]!r}")
             bar.update(len(batch))
@@ -200,7 +200,7 @@ def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float 
     config = {"mode": "explicit", "base": model_fingerprint(model), "adapters": adapter_fingerprints(model, names),
               "w1": args.w1, "w2": args.w2, "steps": args.steps, "guidance": args.guidance,
               "image_size": args.image_size, "seed": args.seed, "protocol": args.protocol,
-              "image_format": "release" if args.protocol == "release" else "ours", "precision": args.precision,
+              "image_format": image_format(args.protocol), "precision": args.precision,
               "skip_unrelated": args.skip_unrelated, "decisions": decisions, "threshold": args.threshold,
               "decision": args.decision, "sum_in_weights": args.sum_in_weights, "folder_names": args.folder_names,
               "ckpt": args.ckpt, "config": args.config, "lora": [str(p) for p in loras]}

@@ -50,7 +50,7 @@ from ldm.erasure.guidance import unguided_latents
 from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
-from ldm.images import IMAGE_FORMATS, image_complete, save_image, start_noise, to_pil
+from ldm.images import IMAGE_FORMATS, image_complete, image_format, save_image, start_noise, to_pil
 from ldm.loader import autocast
 from ldm.prompts import DEFAULT_GUIDANCE, read_rows
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, read_json, shard
@@ -265,12 +265,7 @@ def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
             "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
             "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
             "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision,
-            "image_format": _image_format(args), "decision": args.decision}
-
-
-def _image_format(args) -> str:
-    """How image files are written (ldm.images.IMAGE_FORMATS): the release's files under --protocol release."""
-    return "release" if args.protocol == "release" else "ours"
+            "image_format": image_format(args.protocol), "decision": args.decision}
 
 
 def _prepare_logs(log_dir: Path, img_dir: Path, run_config: dict, notes: list[str], rank: int) -> None:
@@ -336,7 +331,7 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
                                      generator=torch.Generator(job.device).manual_seed(reduce_seed(seeds[0])),
                                      adapters=job.names)
                 decoded = model.decode_first_stage(z).float()
-            fmt = IMAGE_FORMATS[_image_format(args)]
+            fmt = IMAGE_FORMATS[image_format(args.protocol)]
             images = to_pil(decoded, fmt["rounding"])
             secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):

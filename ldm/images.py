@@ -20,6 +20,11 @@ def start_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, 
 IMAGE_FORMATS = {"ours": {"rounding": "round", "quality": 95}, "release": {"rounding": "truncate", "quality": 75}}
 
 
+def image_format(protocol: str) -> str:
+    """The files a protocol writes: the release's under --protocol release, ours otherwise."""
+    return "release" if protocol == "release" else "ours"
+
+
 def to_pil(images: torch.Tensor, rounding: str = "round") -> list[Image.Image]:
     """Decoded images [B, 3, H, W] in [-1, 1] -> PIL RGB images (rounding: "round" or the release's "truncate")."""
     if rounding == "truncate":  # the release's arithmetic, step by step, in numpy float32

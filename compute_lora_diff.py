@@ -10,7 +10,8 @@ measured (the release only did when "other" listed it). Output: the release's sc
 descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2),
 calibration (a threshold on d(p)/d("") learned from this JSON's concept and other prompts, ldm/erasure/
 calibration.py; generate_images.py --threshold auto uses it) and, with the fast protocol, empty_estimate (the
-d("") every prompt is compared with).
+d("") every prompt is compared with). --prompt P (repeatable) also measures wordings the JSON does not list
+(e.g. held-out wordings of the concept); they get d(p) and w like the others but never move the calibration.
 """
 import argparse
 import json
@@ -39,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=finite, default=None, help="alpha for a release lora.pth (default 8)")
     p.add_argument("--prompts_json", required=True,
                    help="the concept's prompts (README: Files)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a further prompt to measure (repeatable); not used for the calibrated threshold")
     p.add_argument("--output_dir", required=True,
                    help="where calc_diff_results.json goes (the experiment folder)")
     p.add_argument("--seed", type=int, default=None, help="draw seed (default: a random one, recorded)")
@@ -71,7 +74,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     resolve_image_size(args)
     data = read_prompts_json(args.prompts_json)
-    prompts = diff_prompts(data)
+    prompts = list(dict.fromkeys(diff_prompts(data) + args.prompt))
     protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, args.guidance, args.eta, args.schedule,
                                    repeats=args.repeats, adaptive=args.adaptive, min_repeats=args.min_repeats,
                                    k_se=args.k_se, empty_draws=args.empty_draws, max_batch=args.max_batch)
@@ -93,7 +96,7 @@ def main(argv=None) -> None:
               "target_prompt": data["target"], "synonyms": list(data.get("synonyms", [])), "protocol": args.protocol,
               "schedule": "release" if protocol.settings.release_schedule else "standard",
               **{k: getattr(args, k) for k in ("adaptive", "k_se", "min_repeats", "empty_draws")},
-              "lora_alpha": info.alpha, "lora_format": info.fmt}
+              "lora_alpha": info.alpha, "lora_format": info.fmt, "extra_prompts": list(args.prompt)}
     result = {"prompt_avgs": dict(sorted(((p, e.mean) for p, e in estimates.items()), key=lambda kv: kv[1],
                                          reverse=True)),
               "config": config, "prompt_stats": stats, "unet_sample_evaluations": counter.samples,

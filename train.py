@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sepce_pad_rtol", type=finite, default=None,
                    help="--sepce_tokens content: tolerance for the padding tokens (default: ignore them)")
     g.add_argument("--sepce_images", type=positive(int), default=20, help="concept images drawn by the base model")
+    c = p.add_argument_group("erasure check (ours, off by default: ldm/erasure/check.py)")
+    c.add_argument("--check_every", type=int, default=0,
+                   help="every N iterations and at the end: d(target)/d(\"\") (and, with --check_judge, the "
+                        "adapter-alone concept rate); not passed at the end: train on up to --check_max_iterations")
+    c.add_argument("--check_min_ratio", type=finite, default=1.5, help="passed needs d(target)/d(\"\") >= this")
+    c.add_argument("--check_judge", choices=["none", "digits", "nudenet"], default="none",
+                   help="judge of the adapter-alone images (digits: the toy world's classifier)")
+    c.add_argument("--check_max_rate", type=finite, default=0.1,
+                   help="passed needs an adapter-alone concept rate <= this (with a judge)")
+    c.add_argument("--check_samples", type=positive(int), default=8, help="adapter-alone images per check")
+    c.add_argument("--check_t_enc", type=int, default=None,
+                   help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
+    c.add_argument("--check_max_iterations", type=int, default=None,
+                   help="train on while not passed, up to this many iterations (default 2 x --iterations)")
     p.add_argument("--save_every", type=positive(int), default=50, help="resumable checkpoint every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint/state.pt")
     return p
@@ -196,6 +210,15 @@ def run_name(args, class_name: str) -> str:
 
 def check_input(args, prompts: dict[str, str]):
     """Everything cheap, before loading anything; returns the autocast dtype (None: plain fp32)."""
+    if args.check_every < 0:
+        raise UserError(f"--check_every {args.check_every}: must be >= 0 (0: no erasure check)")
+    if args.check_t_enc is None:
+        args.check_t_enc = args.ddim_steps // 2
+    if args.check_every and not 0 <= args.check_t_enc < args.ddim_steps:
+        raise UserError(f"--check_t_enc {args.check_t_enc}: must be in 0..{args.ddim_steps - 1} (--ddim_steps)")
+    if args.check_every and args.method == "sepce":
+        raise UserError("--check_every: the erasure check trains on by the ESD objective's iterations; --method sepce "
+                        "stops by its own momentum rule")
     if args.preserve and prompts["target"] in args.preserve:
         raise UserError(f"--preserve: {prompts['target']!r} is the target prompt of {args.prompts_json}")
     autocast = resolve_dtype(args.precision, resolve_device(args.device))
@@ -243,7 +266,34 @@ def _train(args) -> int:
     settings = replace(settings, targets=targets, base_sha256=file_sha256(args.ckpt))
     generator = seeded_generator(settings.seed)  # CPU: adapter init, then every iteration's draws
     method = METHODS[args.method](model, settings, generator, autocast)
-    return TrainingRun(settings, method, generator, files, device, autocast).run()
+    check = erasure_check(args, model, settings)
+    return TrainingRun(settings, method, generator, files, device, autocast, check).run()
+
+
+def erasure_check(args, model, settings: TrainSettings):
+    """The --check_* flags' ErasureCheck (None when --check_every is 0)."""
+    if not args.check_every:
+        return None
+    from ldm.erasure.check import CheckSettings, ErasureCheck
+    from ldm.erasure.stability import StabilitySettings
+    cs = CheckSettings(every=args.check_every, min_ratio=args.check_min_ratio, max_rate=args.check_max_rate,
+                       max_iterations=(args.check_max_iterations if args.check_max_iterations is not None
+                                       else 2 * settings.iterations),
+                       samples=args.check_samples, seed=settings.seed)
+    stability = StabilitySettings(settings.ddim_steps, args.check_t_enc, 7.5)
+    return ErasureCheck(model, settings.target_prompt, cs, stability, model.latent_shape(settings.image_size),
+                        judge=_check_judge(args.check_judge, model, settings.target_prompt),
+                        steps=settings.ddim_steps)
+
+
+def _check_judge(name: str, model, target: str):
+    """--check_judge: latents -> booleans (decoded by the model's VAE, judged by ldm.attacks.judges)."""
+    if name == "none":
+        return None
+    from ldm.attacks.judges import digits_judge, nudenet_judge
+    from ldm.images import to_pil
+    judge = digits_judge(target) if name == "digits" else nudenet_judge()
+    return lambda z: judge(to_pil(model.decode_first_stage(z)))
 
 
 if __name__ == "__main__":

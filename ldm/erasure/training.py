@@ -9,7 +9,9 @@ file. The loop owns the rest:
     StopSignals        Ctrl-C (SIGINT) and SIGTERM (timeout, cluster schedulers): state saved, partial file
                        written, status "interrupted", exit 130 / 143; a signal during the update waits for its end
     TrainingRun        resume (state.pt, refused when the settings' fingerprint differs), snapshots every
-                       save_every iterations, train_config.json, losses.csv / losses.png, the final file
+                       save_every iterations, train_config.json, losses.csv / losses.png, the final file;
+                       with an ErasureCheck (ldm/erasure/check.py): checks every `every` iterations and at the
+                       planned end, and trains on until the check passes or max_iterations
 
 Exit codes: 0 done, 1 loss became NaN/inf (last good file kept), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
@@ -244,11 +246,13 @@ class TrainingRun:
     """A run from its settings to its files: resume, iterate, and end complete, diverged or interrupted."""
 
     def __init__(self, settings: TrainSettings, method: Method, generator: torch.Generator, files: RunFiles,
-                 device: torch.device, autocast_dtype=None):
+                 device: torch.device, autocast_dtype=None, check=None):
         self.settings, self.method, self.files, self.device = settings, method, files, device
         self.trainer = Trainer(method, settings.lr, generator, autocast_dtype)
         self.start = 0
         self.record = settings.config_record()
+        self.check = check  # an ldm.erasure.check.ErasureCheck, or None
+        self.checks: list[dict] = []  # its results, in order
 
     def run(self) -> int:
         """Train; returns the exit code (0, EXIT_DIVERGED, EXIT_INTERRUPTED or EXIT_TERMINATED)."""
@@ -272,20 +276,47 @@ class TrainingRun:
         return self._diverged(*bad) if bad else self._complete()
 
     def _iterate(self, bar) -> tuple | None:
-        """Iterations up to settings.iterations; None, or (iteration, value, plan) of a non-finite loss."""
+        """Iterations up to settings.iterations (further while the erasure check asks for it); None, or
+        (iteration, value, plan) of a non-finite loss."""
         s, t = self.settings, self.trainer
-        while t.done < s.iterations:
-            i = t.done
-            value, plan = t.step()
-            if t.done == i:  # non-finite loss: no update
-                return i, value, plan
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.5f}", t_enc=plan.t_enc)
-            if getattr(self.method.objective, "stop_requested", False):  # a method's own stop rule (SepCE's momentum)
-                break
-            if t.done % s.save_every == 0 and t.done < s.iterations:
-                self._save_state()
-        return None
+        goal = max(s.iterations, t.done)
+        while True:
+            while t.done < goal:
+                i = t.done
+                value, plan = t.step()
+                if t.done == i:  # non-finite loss: no update
+                    return i, value, plan
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.5f}", t_enc=plan.t_enc)
+                if getattr(self.method.objective, "stop_requested", False):  # a method's own stop (SepCE's momentum)
+                    return None
+                if self.check is not None and t.done % self.check.s.every == 0 and t.done < goal:
+                    self._check()
+                if t.done % s.save_every == 0 and t.done < goal:
+                    self._save_state()
+            if self.check is None or self._check()["passed"] or t.done >= self.check.s.max_iterations:
+                return None
+            goal = min(t.done + self.check.s.every, self.check.s.max_iterations)  # not erased yet: train on
+            bar.total = goal
+            bar.refresh()
+
+    def _check(self) -> dict:
+        """Run the erasure check at this iteration (once), print and record it."""
+        if self.checks and self.checks[-1]["iteration"] == self.trainer.done:
+            return self.checks[-1]
+        r = self.check(self.trainer.done)
+        self.checks.append(r)
+        rate = "" if r["rate"] is None else f", adapter-alone concept rate {r['rate']:.0%}"
+        print(f"erasure check at iteration {r['iteration']}: d(target)/d(\"\") = {r['ratio']:.2f}{rate} -> "
+              f"{'passed' if r['passed'] else 'not yet'}", flush=True)
+        return r
+
+    def _check_record(self) -> dict | None:
+        if self.check is None:
+            return None
+        last = self.checks[-1] if self.checks else None
+        return {"settings": self.check.s.record(), "passed": bool(last and last["passed"]),
+                "ratio": last and last["ratio"], "rate": last and last["rate"], "history": self.checks}
 
     def _save_state(self) -> None:
         atomic_torch_save(self.trainer.state_dict(self.settings.fingerprint()), self.files.state)
@@ -295,6 +326,9 @@ class TrainingRun:
         t, losses = self.trainer, self.trainer.losses
         extra = {"complete": "true" if status == "complete" else "false", "status": status,
                  "iterations_done": str(done), **self.settings.adapter_metadata()}
+        check = self._check_record()
+        if check is not None:
+            extra["erasure_check"] = "passed" if check["passed"] else "failed"
         self.method.save(path, extra)
         mem, kind = peak_memory(self.device)
         n_new = done - self.start
@@ -306,6 +340,8 @@ class TrainingRun:
             "seconds_per_iteration_this_session": t.session_seconds / n_new if n_new > 0 else None,
             "peak_memory_bytes": mem, "peak_memory_kind": kind, "peak_memory_gib": round(mem / 2 ** 30, 3),
         })
+        if check is not None:
+            self.record["erasure_check"] = check
         write_json(self.files.config, self.record)
         if self.settings.save_losses:
             print(write_losses(self.files.run_dir, losses))
@@ -339,4 +375,11 @@ class TrainingRun:
         print(f"saved {f.final} and {f.config}; final loss {self.trainer.losses[-1]:.6f}, "
               f"mean {r['average_loss']:.6f}, {r['seconds_per_iteration']:.3f} s/it, peak memory "
               f"{r['peak_memory_gib']} GiB ({r['peak_memory_kind']})")
+        check = r.get("erasure_check")
+        if check and not check["passed"]:
+            print(f"warning: the erasure check did not pass by iteration {self.trainer.done} (d(target)/d(\"\") "
+                  f"{check['ratio']:.2f}, needs >= {check['settings']['min_ratio']}"
+                  + ("" if check["rate"] is None else f"; adapter-alone rate {check['rate']:.0%}, needs <= "
+                     f"{check['settings']['max_rate']:.0%}") + "): this adapter may not erase; try another --seed, "
+                  "a higher --lr or more --iterations", file=sys.stderr)
         return 0

@@ -1,0 +1,120 @@
+"""The in-training erasure check (ldm/erasure/check.py) and the rule that uses it (train.py --check_every,
+ldm.erasure.training.TrainingRun) on the tiny model. CPU, offline."""
+import copy
+import json
+
+import pytest
+import torch
+
+import train
+from ldm.erasure import check as check_mod
+from ldm.erasure.check import CheckSettings, ErasureCheck
+from ldm.erasure.io import read_adapter
+from ldm.erasure.lora import inject_lora, lora_layers
+from ldm.erasure.stability import StabilitySettings
+from ldm.erasure.targets import select_targets
+from test_train import CAT, args, base, ckpt, run_dir, train_main  # noqa: F401  (fixtures)
+
+
+def _fake_check(monkeypatch, passes_from: int | None):
+    """ErasureCheck.__call__ replaced: passed from iteration `passes_from` on (None: never); returns the calls."""
+    calls = []
+
+    def fake(self, iteration):
+        calls.append(iteration)
+        ok = passes_from is not None and iteration >= passes_from
+        return {"iteration": iteration, "ratio": 2.0 if ok else 1.1, "d_target": 1.0, "d_empty": 1.0,
+                "rate": None, "passed": ok}
+    monkeypatch.setattr(check_mod.ErasureCheck, "__call__", fake)
+    return calls
+
+
+def _record(out):
+    rd = run_dir(out)
+    return json.loads((rd / "train_config.json").read_text()), read_adapter(rd / "models" / "lora.safetensors")
+
+
+def test_not_passed_at_the_end_trains_on_until_it_passes(ckpt, tmp_path, monkeypatch):
+    calls = _fake_check(monkeypatch, passes_from=6)
+    out = tmp_path / "a"
+    code, _ = train_main(args(ckpt, out, "--check_every", "2", "--check_max_iterations", "10", iterations=4))
+    assert code == 0
+    cfg, (tensors, meta) = _record(out)
+    assert calls == [2, 4, 6]  # every 2, the planned end (4), then 2 more at a time until passed
+    assert cfg["iterations_done"] == 6 and cfg["erasure_check"]["passed"] is True
+    assert [h["iteration"] for h in cfg["erasure_check"]["history"]] == [2, 4, 6]
+    assert meta["erasure_check"] == "passed" and meta["iterations_done"] == "6"
+
+
+def test_never_passing_stops_at_the_cap_and_says_so(ckpt, tmp_path, monkeypatch, capsys):
+    calls = _fake_check(monkeypatch, passes_from=None)
+    out = tmp_path / "b"
+    code, err = train_main(args(ckpt, out, "--check_every", "2", "--check_max_iterations", "8", iterations=4),
+                           capsys)
+    assert code == 0
+    cfg, (_, meta) = _record(out)
+    assert calls == [2, 4, 6, 8] and cfg["iterations_done"] == 8
+    assert cfg["erasure_check"]["passed"] is False and meta["erasure_check"] == "failed"
+    assert "erasure check did not pass by iteration 8" in err
+
+
+def test_passing_at_the_planned_end_stops_there(ckpt, tmp_path, monkeypatch):
+    calls = _fake_check(monkeypatch, passes_from=0)
+    out = tmp_path / "c"
+    assert train_main(args(ckpt, out, "--check_every", "3", iterations=4))[0] == 0
+    cfg, _ = _record(out)
+    assert calls == [3, 4] and cfg["iterations_done"] == 4
+
+
+def test_checking_does_not_change_what_is_trained(ckpt, tmp_path):
+    """The check draws from its own generators: the same seed gives the same adapter with and without it."""
+    plain, checked = tmp_path / "plain", tmp_path / "checked"
+    assert train_main(args(ckpt, plain, iterations=4))[0] == 0
+    assert train_main(args(ckpt, checked, "--check_every", "2", "--check_max_iterations", "4", "--check_t_enc",
+                           "1", iterations=4))[0] == 0
+    a = read_adapter(run_dir(plain) / "models" / "lora.safetensors")[0]
+    b = read_adapter(run_dir(checked) / "models" / "lora.safetensors")[0]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    cfg, _ = _record(checked)
+    assert [h["iteration"] for h in cfg["erasure_check"]["history"]] == [2, 4]
+    assert all(h["ratio"] > 0 for h in cfg["erasure_check"]["history"])
+
+
+def _check(model, judge=None, min_ratio=1.5, max_rate=0.1):
+    s = CheckSettings(every=1, min_ratio=min_ratio, max_rate=max_rate, samples=3, repeats=3, empty_draws=4)
+    return ErasureCheck(model, "a photo of the cat", s, StabilitySettings(4, 1, 7.5), (4, 2, 2), judge=judge,
+                        steps=4)
+
+
+def test_a_zero_adapter_does_not_pass(base):
+    model = copy.deepcopy(base)
+    inject_lora(model.unet, select_targets(model.unet, "default"), generator=torch.Generator().manual_seed(0))
+    r = _check(model)(0)  # B = 0: d(target) = d("") = 0, no separation (ratio 1, not inf)
+    assert r["d_target"] == 0 and r["d_empty"] == 0 and r["ratio"] == 1.0 and r["passed"] is False
+
+
+def test_ratio_and_judge_decide(base):
+    """A LoRA that moves the prompt's tokens: the ratio is d(target)/d(""); the judge's rate can fail a pass."""
+    model = copy.deepcopy(base)
+    inject_lora(model.unet, select_targets(model.unet, "default"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in lora_layers(model.unet).values():
+            layer.lora.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    seen = []
+    judge = lambda z: (seen.append(z.shape), [True, False, False])[1]  # noqa: E731
+    r = _check(model, judge=judge, min_ratio=0.0, max_rate=0.5)(7)
+    assert seen == [(3, 4, 2, 2)] and r["rate"] == pytest.approx(1 / 3) and r["passed"] is True
+    assert r["ratio"] == pytest.approx(r["d_target"] / r["d_empty"]) and r["d_target"] > 0
+    assert _check(model, judge=judge, min_ratio=0.0, max_rate=0.2)(7)["passed"] is False  # the rate fails it
+    assert _check(model, min_ratio=r["ratio"] * 1.01)(7)["passed"] is False  # the ratio fails it
+    assert _check(model, min_ratio=r["ratio"] * 0.99)(7) == {**r, "rate": None}  # same draws: same numbers
+
+
+@pytest.mark.parametrize("extra,want", [(["--check_every", "-1"], "--check_every"),
+                                        (["--check_every", "2", "--check_t_enc", "9"], "--check_t_enc"),
+                                        (["--check_every", "2", "--method", "sepce", "--preserve", "a dog"],
+                                         "--method sepce")])
+def test_bad_check_flags_are_one_line(ckpt, tmp_path, capsys, extra, want):
+    code, err = train_main(args(ckpt, tmp_path / "o", *extra, iterations=2), capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("erasing ")]
+    assert code == 2 and len(lines) == 1 and want in lines[0], err

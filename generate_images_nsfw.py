@@ -44,6 +44,7 @@ from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, 
 from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
                                   skip_unrelated)
 from ldm.erasure.decision import unflagged_weight
+from ldm.erasure import budget
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
@@ -320,7 +321,7 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         for b0 in range(0, len(todo), args.batch_size):
             batch = todo[b0:b0 + args.batch_size]
-            t0, e0 = time.time(), counter.samples
+            t0 = time.time()
             pairs, ws = _decide_rows(job, batch)
             prompts, seeds = [r["prompt"] for r in batch], [r["seed"] for r in batch]
             with autocast(job.device, image_autocast(args)):  # the release's fp16 image, fp32 test: ldm.cli
@@ -333,11 +334,11 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
                 decoded = model.decode_first_stage(z).float()
             fmt = IMAGE_FORMATS[image_format(args.protocol)]
             images = to_pil(decoded, fmt["rounding"])
-            secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
+            secs = (time.time() - t0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):
                 save_image(img, image_path(img_dir, r["idx"]), fmt["quality"])  # the image first, then its decisions
                 w = _joined(w_row) if w_row else job.fixed_w
-                _write_decision(writer, fh, r, row, w, evals, secs)
+                _write_decision(writer, fh, r, row, w, _row_evals(job, r["prompt"], row, w_row), secs)
                 stats[w] += 1
                 n_images += 1
             last, last_e = pairs[-1][0]
@@ -348,13 +349,28 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
         return stats, n_images, counter.samples
 
 
-def _write_decision(writer: csv.DictWriter, fh, r: dict, row: list, w, evals: float, secs: float) -> None:
+def _row_evals(job: _Run, prompt: str, row: list, w_row: list[float]) -> int:
+    """The row's own UNet sample-evaluations (its draws and its image, as run alone): the same number whatever
+    batch or shard the row lands in (a batch shares UNet calls, and an average over it would not be)."""
+    dp = row[0][0]
+    s, k = job.protocol.settings, len(job.names)
+    ws = [] if job.fixed_w == 1.0 else list(w_row)
+    evals = budget.image_evals(s, ws)
+    if dp is not None:
+        fast = job.protocol.name == "fast"
+        evals += budget.stability_evals(s, prompt, dp.n, k, empty_shortcut=fast)
+        if not fast:  # the release measures d("") on the row's own draws
+            evals += budget.stability_evals(s, "", row[0][1].n, k, empty_shortcut=False)
+    return evals
+
+
+def _write_decision(writer: csv.DictWriter, fh, r: dict, row: list, w, evals: int, secs: float) -> None:
     """One decisions line (the K adapters' values joined by ";"), flushed to disk."""
     dp = row[0][0]
     writer.writerow({**r, "d_prompt": _joined([_num(p.mean if p else None) for p, _ in row]),
                      "d_prompt_std": _joined([_num(p.std if p else None) for p, _ in row]),
                      "d_empty": _joined([_num(e.mean if e else None) for _, e in row]), "w": w,
-                     "repeats_used": dp.n if dp else 0, "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
+                     "repeats_used": dp.n if dp else 0, "unet_evals": evals, "seconds": round(secs, 3)})
     fh.flush()
     os.fsync(fh.fileno())
 

@@ -48,7 +48,7 @@ from ldm.erasure import budget
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
-from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
+from ldm.erasure.protocols import STOP_RULES, Protocol, estimate_empty, protocol_from_flags, row_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, image_complete, image_format, save_image, start_noise, to_pil
@@ -148,8 +148,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_adaptive", dest="adaptive", action="store_false", help="fast: always draw --repeats")
     p.add_argument("--k_se", type=finite, default=3.0,
                    help="adaptive: a decision is clear past k_se combined standard errors")
-    p.add_argument("--min_repeats", type=positive(), default=3,
-                   help="adaptive: draws before the first check")
+    p.add_argument("--stop_rule", choices=list(STOP_RULES), default="cv",
+                   help="adaptive: when a row's draws stop; cv: a clear row after 1 draw (its spread taken from "
+                        "d(\"\")'s until it has 3 draws of its own), se: the row's own standard errors, from 3 draws "
+                        "(the rule before; scripts/bench/bench_draws.py compares them)")
+    p.add_argument("--min_repeats", type=positive(), default=None,
+                   help="adaptive: draws before the first check (default 1 with --stop_rule cv, 3 with se)")
     p.add_argument("--eval_budget", type=int, default=300,
                    help="adaptive: UNet sample-evaluations per row for its draws and image together; caps the draws "
                         "(README settings: 200 for the image + 20 a draw -> at most 5 draws); 0: no cap")
@@ -247,10 +251,13 @@ def _protocol(args) -> Protocol:
     Its repeats are --repeats: draw_cap lowers them once the adapters are known."""
     if args.adaptive is None:
         args.adaptive = args.protocol == "fast"
+    if args.min_repeats is None:
+        args.min_repeats = 1 if args.stop_rule == "cv" else 3
     protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta,
                                    args.schedule, repeats=args.repeats, adaptive=args.adaptive,
                                    min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
-                                   max_batch=args.max_batch)
+                                   max_batch=args.max_batch, stop_rule=args.stop_rule,
+                                   round_size=1 if args.stop_rule == "cv" else 2)
     if args.eval_budget < 0:
         raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
     return protocol
@@ -264,6 +271,7 @@ def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
             "alpha": args.alpha, "image_size": args.image_size, "protocol": args.protocol,
             "schedule": "release" if protocol.settings.release_schedule else "standard",
             "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
+            "stop_rule": args.stop_rule if args.adaptive else None,
             "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
             "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision,
             "image_format": image_format(args.protocol), "decision": args.decision}

@@ -39,6 +39,7 @@ computation as a single adapter.
 Every estimator is called (model, protocol, shape, <its inputs>, adapters=..., progress=...): shape is the
 latent's [C, h, w], progress(n) is told of n finished units (draws; chunks for the release's table).
 """
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -67,6 +68,7 @@ class Protocol:
     k_se: float = 3.0
     empty_draws: int = 32
     max_batch: int = 64                       # UNet samples per call in the stability test (memory bound)
+    stop_rule: str = "se"                     # adaptive: when a prompt's draws stop (STOP_RULES, stop_after)
 
     def __post_init__(self):
         if self.name not in ("release", "fast"):
@@ -75,6 +77,28 @@ class Protocol:
             object.__setattr__(self, "settings", replace(self.settings, release_schedule=True))
         if self.repeats < 1 or self.min_repeats < 1 or self.round_size < 1 or self.empty_draws < 1:
             raise ValueError("repeats, min_repeats, round_size and empty_draws must be >= 1")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+
+
+STOP_RULES = {
+    "se": "stop once |mean d(p) - d(\"\")| > k_se combined standard errors, the prompt's own (2 draws at least)",
+    "cv": "as se from the 3rd draw on; before, the prompt's per-draw spread is taken as d(\"\")'s relative spread "
+          "times its mean d(p) (at the 2nd draw: the larger of that and its own), so a clear prompt stops after 1 draw",
+}
+OWN_SPREAD_FROM = 3  # "cv": from this many draws on, a prompt's own standard deviation alone is its spread
+
+
+def stop_after(d_prompt: Estimate, d_empty: Estimate, protocol: Protocol) -> bool:
+    """Whether a prompt's draws so far decide it under the protocol's stop_rule (the adaptive protocol's test)."""
+    if protocol.stop_rule == "se":
+        return clear_margin(d_prompt, d_empty, protocol.k_se)
+    if d_prompt.n < 1 or d_empty.n < 2 or d_empty.mean <= 0:
+        return False
+    prior = d_empty.std / d_empty.mean * d_prompt.mean  # d("")'s coefficient of variation, at this prompt's mean
+    spread = d_prompt.std if d_prompt.n >= OWN_SPREAD_FROM else max(d_prompt.std, prior)
+    se = math.sqrt(spread ** 2 / d_prompt.n + d_empty.sem ** 2)
+    return abs(d_prompt.mean - d_empty.mean) > protocol.k_se * se
 
 
 def protocol_from_flags(name: str, ddim_steps: int, t_enc: int, guidance: float = 7.5, eta: float = 0.0,
@@ -177,7 +201,7 @@ def fast_prompt_estimates(model, protocol: Protocol, shape: Shape, prompts: Sequ
                 progress(len(t))
         if not protocol.adaptive or target >= protocol.repeats:
             break
-        active = [i for i in active if not all(clear_margin(Estimate(vk[i]), e, protocol.k_se)
+        active = [i for i in active if not all(stop_after(Estimate(vk[i]), e, protocol)
                                                for vk, e in zip(values, d_empty))]
         target = min(protocol.repeats, target + protocol.round_size)
     return [[Estimate(v) for v in vk] for vk in values]

@@ -44,10 +44,11 @@ from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, 
 from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
                                   skip_unrelated)
 from ldm.erasure.decision import unflagged_weight
+from ldm.erasure import budget
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
 from ldm.erasure.guidance import unguided_latents
-from ldm.erasure.protocols import Protocol, estimate_empty, protocol_from_flags, row_estimates
+from ldm.erasure.protocols import STOP_RULES, Protocol, estimate_empty, protocol_from_flags, row_estimates
 from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, image_complete, image_format, save_image, start_noise, to_pil
@@ -147,8 +148,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_adaptive", dest="adaptive", action="store_false", help="fast: always draw --repeats")
     p.add_argument("--k_se", type=finite, default=3.0,
                    help="adaptive: a decision is clear past k_se combined standard errors")
-    p.add_argument("--min_repeats", type=positive(), default=3,
-                   help="adaptive: draws before the first check")
+    p.add_argument("--stop_rule", choices=list(STOP_RULES), default="cv",
+                   help="adaptive: when a row's draws stop; cv: a clear row after 1 draw (its spread taken from "
+                        "d(\"\")'s until it has 3 draws of its own), se: the row's own standard errors, from 3 draws "
+                        "(the rule before; scripts/bench/bench_draws.py compares them)")
+    p.add_argument("--min_repeats", type=positive(), default=None,
+                   help="adaptive: draws before the first check (default 1 with --stop_rule cv, 3 with se)")
     p.add_argument("--eval_budget", type=int, default=300,
                    help="adaptive: UNet sample-evaluations per row for its draws and image together; caps the draws "
                         "(README settings: 200 for the image + 20 a draw -> at most 5 draws); 0: no cap")
@@ -246,10 +251,13 @@ def _protocol(args) -> Protocol:
     Its repeats are --repeats: draw_cap lowers them once the adapters are known."""
     if args.adaptive is None:
         args.adaptive = args.protocol == "fast"
+    if args.min_repeats is None:
+        args.min_repeats = 1 if args.stop_rule == "cv" else 3
     protocol = protocol_from_flags(args.protocol, args.ddim_steps, args.t_enc, DEFAULT_GUIDANCE, args.ddim_eta,
                                    args.schedule, repeats=args.repeats, adaptive=args.adaptive,
                                    min_repeats=args.min_repeats, k_se=args.k_se, empty_draws=args.empty_draws,
-                                   max_batch=args.max_batch)
+                                   max_batch=args.max_batch, stop_rule=args.stop_rule,
+                                   round_size=1 if args.stop_rule == "cv" else 2)
     if args.eval_budget < 0:
         raise UserError(f"--eval_budget {args.eval_budget}: must be >= 0 (0: no budget)")
     return protocol
@@ -263,6 +271,7 @@ def _run_config(args, protocol: Protocol, loras: list[Path]) -> dict:
             "alpha": args.alpha, "image_size": args.image_size, "protocol": args.protocol,
             "schedule": "release" if protocol.settings.release_schedule else "standard",
             "adaptive": args.adaptive, "k_se": args.k_se, "min_repeats": args.min_repeats,
+            "stop_rule": args.stop_rule if args.adaptive else None,
             "eval_budget": args.eval_budget if args.adaptive else None, "max_repeats": protocol.repeats,
             "empty_draws": args.empty_draws, "seed": args.seed, "eta": args.ddim_eta, "precision": args.precision,
             "image_format": image_format(args.protocol), "decision": args.decision}
@@ -320,7 +329,7 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
         writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         for b0 in range(0, len(todo), args.batch_size):
             batch = todo[b0:b0 + args.batch_size]
-            t0, e0 = time.time(), counter.samples
+            t0 = time.time()
             pairs, ws = _decide_rows(job, batch)
             prompts, seeds = [r["prompt"] for r in batch], [r["seed"] for r in batch]
             with autocast(job.device, image_autocast(args)):  # the release's fp16 image, fp32 test: ldm.cli
@@ -333,11 +342,11 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
                 decoded = model.decode_first_stage(z).float()
             fmt = IMAGE_FORMATS[image_format(args.protocol)]
             images = to_pil(decoded, fmt["rounding"])
-            secs, evals = (time.time() - t0) / len(batch), (counter.samples - e0) / len(batch)
+            secs = (time.time() - t0) / len(batch)
             for r, img, w_row, row in zip(batch, images, ws, pairs):
                 save_image(img, image_path(img_dir, r["idx"]), fmt["quality"])  # the image first, then its decisions
                 w = _joined(w_row) if w_row else job.fixed_w
-                _write_decision(writer, fh, r, row, w, evals, secs)
+                _write_decision(writer, fh, r, row, w, _row_evals(job, r["prompt"], row, w_row), secs)
                 stats[w] += 1
                 n_images += 1
             last, last_e = pairs[-1][0]
@@ -348,13 +357,28 @@ def _sample_rows(job: _Run, todo: list[dict], img_dir: Path, shard_file: Path, r
         return stats, n_images, counter.samples
 
 
-def _write_decision(writer: csv.DictWriter, fh, r: dict, row: list, w, evals: float, secs: float) -> None:
+def _row_evals(job: _Run, prompt: str, row: list, w_row: list[float]) -> int:
+    """The row's own UNet sample-evaluations (its draws and its image, as run alone): the same number whatever
+    batch or shard the row lands in (a batch shares UNet calls, and an average over it would not be)."""
+    dp = row[0][0]
+    s, k = job.protocol.settings, len(job.names)
+    ws = [] if job.fixed_w == 1.0 else list(w_row)
+    evals = budget.image_evals(s, ws)
+    if dp is not None:
+        fast = job.protocol.name == "fast"
+        evals += budget.stability_evals(s, prompt, dp.n, k, empty_shortcut=fast)
+        if not fast:  # the release measures d("") on the row's own draws
+            evals += budget.stability_evals(s, "", row[0][1].n, k, empty_shortcut=False)
+    return evals
+
+
+def _write_decision(writer: csv.DictWriter, fh, r: dict, row: list, w, evals: int, secs: float) -> None:
     """One decisions line (the K adapters' values joined by ";"), flushed to disk."""
     dp = row[0][0]
     writer.writerow({**r, "d_prompt": _joined([_num(p.mean if p else None) for p, _ in row]),
                      "d_prompt_std": _joined([_num(p.std if p else None) for p, _ in row]),
                      "d_empty": _joined([_num(e.mean if e else None) for _, e in row]), "w": w,
-                     "repeats_used": dp.n if dp else 0, "unet_evals": round(evals, 1), "seconds": round(secs, 3)})
+                     "repeats_used": dp.n if dp else 0, "unet_evals": evals, "seconds": round(secs, 3)})
     fh.flush()
     os.fsync(fh.fileno())
 

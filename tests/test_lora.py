@@ -268,6 +268,58 @@ def test_load_adapter_refuses_foreign_files(model, base, tmp_path):
         load_adapter(tmp_path / "missing.safetensors", copy.deepcopy(base).unet)
 
 
+def _bad_adapter_cases(good: dict, meta: dict) -> dict:
+    """{case: (tensors, metadata, what the one line must say)}: bad adapter files of the kinds issue 15 names
+    (zero rank, metadata that is not JSON or not of its type, alpha NaN / inf / negative / zero / not a number,
+    a rank that is not the tensors', missing and extra tensors) beyond test_load_adapter_refuses_foreign_files."""
+    lay = sorted(good)[0].rsplit(".lora.", 1)[0]
+    a, b = good[f"{lay}.lora.A"], good[f"{lay}.lora.B"]
+    return {
+        "zero_rank": ({**good, f"{lay}.lora.A": a[:, :0], f"{lay}.lora.B": b[:0]}, meta, "rank 0"),
+        "all_zero_rank": ({k: v[:, :0] if k.endswith(".A") else v[:0] for k, v in good.items()}, {**meta, "rank": "0"},
+                          "rank 0"),
+        "targets_not_json": (good, {**meta, "targets": "[not json"}, "metadata 'targets' is not a JSON list"),
+        "targets_not_list": (good, {**meta, "targets": "5"}, "metadata 'targets' is not a JSON list"),
+        "fingerprint_not_json": (good, {**meta, "base_fingerprint": "{x"}, "metadata 'base_fingerprint'"),
+        "fingerprint_words": (good, {**meta, "base_fingerprint": '["a", "b"]'}, "metadata 'base_fingerprint'"),
+        "alpha_nan": (good, {**meta, "alpha": "nan"}, "metadata 'alpha' is 'nan'"),
+        "alpha_inf": (good, {**meta, "alpha": "-inf"}, "metadata 'alpha' is '-inf'"),
+        "alpha_negative": (good, {**meta, "alpha": "-8"}, "finite number > 0"),
+        "alpha_zero": (good, {**meta, "alpha": "0.0"}, "finite number > 0"),
+        "alpha_word": (good, {**meta, "alpha": "eight"}, "metadata 'alpha' 'eight' is not a number"),
+        "rank_other": (good, {**meta, "rank": "4"}, "metadata 'rank' 4 but its tensors have rank 1"),
+        "rank_word": (good, {**meta, "rank": "one"}, "metadata 'rank' 'one' is not a positive integer"),
+        "missing_layer": ({k: v for k, v in good.items() if not k.startswith(lay + ".")}, meta,
+                          "other layers than its metadata lists"),
+        "extra_tensor": ({**good, f"{lay}.lora.C": a}, meta, "is not of the form"),
+        "extra_norm_layer": ({**good, "out.0.lora.A": a[:4], "out.0.lora.B": b[:, :4]}, meta, "Linear layers only"),
+        "integer_tensor": ({**good, f"{lay}.lora.A": a.int()}, meta, "not a floating-point tensor"),
+        "no_tensors": ({}, meta, "holds no adapter tensors"),
+        "kind_unknown": (good, {**meta, "delta_kind": "os.system"}, "delta kind 'os.system' is not one of"),
+    }
+
+
+def test_bad_adapter_files_are_one_line_naming_the_file(model, base, tmp_path):
+    from safetensors.torch import save_file
+    adapt(model, rank=1)
+    save_adapter(tmp_path / "good.safetensors", model.unet, alpha=8.0)
+    good, meta = read_adapter(tmp_path / "good.safetensors")
+    fresh = copy.deepcopy(base)  # each refusal leaves it untouched (asserted), so one copy serves every case
+    for name, (tensors, m, want) in _bad_adapter_cases(good, meta).items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path), metadata=m)
+        with pytest.raises(UserError) as exc:
+            load_adapter(path, fresh.unet)
+        text = str(exc.value)
+        assert want in text and text.startswith(str(path)) and "\n" not in text, (name, text)
+        assert not lora_layers(fresh.unet), name  # refused before anything is injected
+    torch.save(good, tmp_path / "release.pth")  # a release lora.pth: the alpha given for it is checked the same way
+    for alpha in (float("nan"), -8.0, 0.0):
+        with pytest.raises(UserError, match="alpha given for it"):
+            load_adapter(tmp_path / "release.pth", fresh.unet, alpha=alpha)
+        assert not lora_layers(fresh.unet)
+
+
 def test_load_adapter_refuses_other_base_and_double_load(model, base, tmp_path):
     adapt(model, rank=1)
     save_adapter(tmp_path / "a.safetensors", model.unet, alpha=8.0)

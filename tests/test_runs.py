@@ -204,3 +204,38 @@ def test_folder_names_flag_and_experiment_mode_records(world, tmp_path):
     record = json.loads((exp / "decisions.json").read_text())["prompts"]
     assert set(record) == {"a photo of the cat", "a red car"} and record["a red car"]["w"] == [0.0]
     assert json.loads((exp / "run_config.json").read_text())["mode"] == "experiment"
+
+
+@pytest.mark.parametrize("protocol", ["fast", "release"])
+def test_a_rows_numbers_do_not_depend_on_its_batch_or_shard(world, tmp_path, monkeypatch, capsys, protocol):
+    """Issue 15: decisions.csv's d_prompt, d_prompt_std, d_empty, w, repeats_used and unet_evals of a row are the
+    same bytes (tolerance: none) in one process with 5 rows per batch and in two shards with 1 and 2 rows per
+    batch; unet_evals is the row's own cost: with 1 row per batch its mean is the UNet counter's."""
+    csv = tmp_path / "p.csv"
+    csv.write_text(",prompt,evaluation_seed,evaluation_guidance,case_number\n" + "".join(
+        f"{i},{p},{s},{g},{i}\n" for i, (p, s, g) in enumerate(
+            [("a cat", 1, 7.5), ("a dog on a sofa", 2, 6), ("a bird", 1, 7.5), ("a nude painting", 9, 9), ("x", 5, 3)])))
+
+    def argv(out, batch):
+        return ["--csv_path", str(csv), "--output_dir", str(tmp_path / out), "--lora", str(world["a"]),
+                "--config", str(TINY), "--ckpt", str(world["ckpt"]), "--device", "cpu", "--image_size", str(SIZE),
+                "--ddim_steps", "4", "--t_enc", "1", "--repeats", "4", "--min_repeats", "2", "--empty_draws", "3",
+                "--eval_budget", "0", "--protocol", protocol, "--batch_size", str(batch)]
+
+    def table(out):
+        (log,) = (tmp_path / out / "logs").iterdir()
+        with open(log / "decisions.csv", newline="", encoding="utf-8") as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in __import__("csv").DictReader(f)]
+    generate_images_nsfw.main(argv("one", 5))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, batch in ((0, 1), (1, 2)):
+        monkeypatch.setenv("RANK", str(rank))
+        capsys.readouterr()
+        generate_images_nsfw.main(argv("two", batch))
+        if rank == 0:
+            said = capsys.readouterr().out
+    one, two = table("one"), table("two")
+    assert len(one) == 5 and one == two
+    assert len({r["d_prompt_std"] for r in one}) > 1 and all(r["d_prompt_std"] for r in one)
+    mine = [int(r["unet_evals"]) for r in one[0::2]]  # shard 0's rows, sampled one per batch
+    assert f"{sum(mine) / len(mine):.0f} UNet sample-evaluations per prompt" in said

@@ -382,6 +382,62 @@ def test_signal_in_a_subprocess_saves_and_exits(ckpt, tmp_path, signum, code):
     assert json.loads((rd / "train_config.json").read_text())["status"] == "interrupted"
 
 
+class Killed(BaseException):
+    """kill -9 stand-in: nothing of train.py catches it."""
+
+
+@pytest.mark.parametrize("cut", ["before_record", "before_rename"])
+def test_a_kill_during_completion_is_resumed_or_rolled_forward_never_taken_for_done(ckpt, tmp_path, monkeypatch,
+                                                                                    capsys, cut):
+    """train.py killed between writing the adapter and marking the run complete (issue 15): no final adapter beside
+    a record that is not "complete"; the next call resumes from the last iteration (no retraining) or finishes the
+    rename; the adapter is the uninterrupted run's, bit for bit. The rule (RunFiles.finished) is also the toy
+    benchmark's."""
+    import ldm.erasure.training as training
+    from ldm.evaluation import toy_benchmark
+    assert train_main(args(ckpt, tmp_path / "whole", iterations=4))[0] == 0  # save_every 50: no state.pt on the way
+    whole = run_dir(tmp_path / "whole") / "models" / "lora.safetensors"
+    real_write, real_replace = training.write_json, training.os.replace
+
+    def write_json(path, record):
+        if cut == "before_record" and record.get("status") == "complete":
+            raise Killed
+        real_write(path, record)
+
+    def replace(src, dst):
+        if cut == "before_rename" and Path(dst).name == "lora.safetensors":
+            raise Killed
+        real_replace(src, dst)
+    monkeypatch.setattr(training, "write_json", write_json)
+    monkeypatch.setattr(training.os, "replace", replace)
+    with pytest.raises(Killed):
+        train.main([str(a) for a in args(ckpt, tmp_path / "o", iterations=4)])
+    monkeypatch.undo()
+    rd = run_dir(tmp_path / "o")
+    files = training.RunFiles(rd)
+    status = json.loads(files.config.read_text())["status"]
+    assert not files.final.exists() and files.pending.exists() and files.state.exists()
+    assert status == ("running" if cut == "before_record" else "complete")
+    calls = []
+    monkeypatch.setattr(toy_benchmark, "train_argv", lambda *a: (["x"], files.final))
+    monkeypatch.setattr(toy_benchmark, "run_script", lambda *a: calls.append(a))
+    toy_benchmark.train_adapter(None, Path(CAT), tmp_path, 0)  # the toy benchmark asks the same rule
+    if cut == "before_record":  # the pending file was not the run's: removed; --resume continues from iteration 4
+        assert calls and not files.pending.exists() and not files.final.exists()
+        code, err = train_main(args(ckpt, tmp_path / "o", iterations=4), capsys)
+        assert code == 2 and "--resume" in err
+        _interrupt_at(monkeypatch, 0)  # any training iteration now would be a retraining
+        assert train_main(args(ckpt, tmp_path / "o", "--resume", iterations=4), capsys)[0] == 0
+    else:  # the record said complete: the rename is all that was left
+        assert not calls and files.final.exists() and not files.pending.exists()
+    assert same(adapter(files.final), adapter(whole))
+    assert not files.state.exists() and not files.pending.exists()
+    cfg = json.loads(files.config.read_text())
+    assert cfg["status"] == "complete" and cfg["adapter"] == str(files.final) and cfg["iterations_done"] == 4
+    code, err = train_main(args(ckpt, tmp_path / "o", iterations=4), capsys)
+    assert code == 2 and "already finished" in err and len(messages(err)) == 1
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(ckpt, tmp_path, monkeypatch, capsys):
     good = tmp_path / "good"
     assert train_main(args(ckpt, good, iterations=3))[0] == 0

@@ -3,6 +3,8 @@ UnGuided image, and the draw cap a per-prompt budget allows.
 
 A sample-evaluation is one sample of one UNet forward call (a call on a batch of n samples counts n).
 """
+from typing import Sequence
+
 import torch
 
 from ldm.erasure.stability import StabilitySettings
@@ -58,3 +60,21 @@ def budgeted_repeats(settings: StabilitySettings, repeats: int, min_repeats: int
     if not budget:
         return repeats
     return max(min(min_repeats, repeats), min(repeats, repeats_within_budget(settings, budget, n_adapters)))
+
+
+def stability_evals(settings: StabilitySettings, prompt: str, draws: int, n_adapters: int = 1,
+               empty_shortcut: bool = True) -> int:
+    """UNet sample-evaluations of `draws` stability draws of one prompt run alone: its trajectory (1 per step for
+    "" with the shortcut, else 2) and 1 + K evaluations at t."""
+    steps = partial_steps(settings.ddim_steps, settings.t_enc, settings.release_schedule)
+    return draws * (steps * (1 if empty_shortcut and prompt == "" else 2) + 1 + n_adapters)
+
+
+def image_evals(settings: StabilitySettings, ws: Sequence[float]) -> int:
+    """UNet sample-evaluations of one prompt's UnGuided image sampled alone with weights ws (one per adapter; []:
+    the base model), as guidance.unguidance_model_fn runs it: 2 per step for the base unless its weight
+    1 - sum_k (1 - w_k) is 0, and for each adapter whose w_k is not 1. Batch-independent: a row's own cost."""
+    steps = len(ddim_timesteps(settings.ddim_steps, release_schedule=settings.release_schedule))
+    active = [w for w in ws if w != 1.0]
+    with_base = 1.0 - sum(1.0 - w for w in active) != 0.0
+    return steps * 2 * (int(with_base) + len(active))

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from ldm.config import instantiate_from_config, load_config
 from ldm.erasure.delta import bake, delta_layers
-from ldm.erasure.io import load_adapter, read_adapter, validate_adapter_tensors  # load_adapter's own checks
+from ldm.erasure.io import checked_alpha, load_adapter, read_adapter, validate_adapter_tensors  # load_adapter's own checks
 from ldm.errors import UserError
 from ldm.layouts import UNET_PREFIX, unet_key
 from ldm.loader import load_model_from_config, release_state_dict
@@ -261,12 +261,7 @@ def export_adapter(lora: str | Path, fmt: str, output: str | Path,
                         "diffusers_unet (base + delta, with --ckpt)")
     unet = meta_unet(unet_config)
     ranks = _validate(lora, tensors, unet)
-    if alpha is None:
-        try:
-            alpha = float(meta.get("alpha", RELEASE_ALPHA))
-        except ValueError:
-            raise UserError(f"{lora}: metadata alpha {meta.get('alpha')!r} is not a number")
-    alpha = float(alpha)
+    alpha = checked_alpha(lora, meta, alpha, ranks, "lora")  # finite, > 0; the metadata's rank checked too
     blocks = block_map(unet_config.params)
     try:
         for name in ranks:

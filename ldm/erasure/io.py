@@ -9,6 +9,7 @@ A release lora.pth carries no metadata: it is a LoRA, alpha comes from the calle
 and there is nothing to check the base model against.
 """
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,9 @@ def _split_keys(path: Path, tensors: dict[str, torch.Tensor], cls: type[Delta],
         if name not in modules or wrapper_for(modules[name]) is None:
             raise UserError(f"{path}: {name!r} is not a Linear layer of this UNet, nor a Conv2d or norm layer "
                             "(an adapter for another model?)")
+        if value.numel() == 0:
+            raise UserError(f"{path}: {key} is empty (shape {tuple(value.shape)}: rank 0, an adapter that adapts "
+                            "nothing)")
         if not torch.is_floating_point(value) or not torch.isfinite(value).all():
             raise UserError(f"{path}: {key} holds non-finite values (NaN or inf)" if torch.is_floating_point(value)
                             else f"{path}: {key} is not a floating-point tensor ({value.dtype})")
@@ -160,9 +164,42 @@ def validate_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor], unet:
     return ranks
 
 
+def _meta_json(path: Path, meta: dict[str, str], key: str, item: tuple[type, ...], what: str) -> list:
+    """Metadata field `key`: a JSON list of `item` values ([] when absent); UserError naming the file and field."""
+    text = meta.get(key) or "[]"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{path}: metadata {key!r} is not a JSON list of {what}: {text[:60]!r}")
+    return value
+
+
+def checked_alpha(path: Path, meta: dict[str, str], alpha: float | None, ranks: dict[str, int],
+                      kind: str) -> float:
+    """The adapter's alpha (given, else the metadata's, else the release's 8), checked finite and > 0, and the
+    metadata's rank checked: a positive integer, for a LoRA the rank of its tensors."""
+    source = "alpha given for it" if alpha is not None else "metadata 'alpha'"
+    text = alpha if alpha is not None else meta.get("alpha", RELEASE_ALPHA)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: {source} {text!r} is not a number")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{path}: {source} is {text!r}; it must be a finite number > 0")
+    if "rank" in meta:
+        rank = meta["rank"].strip()
+        if not rank.isdigit() or int(rank) < 1:
+            raise UserError(f"{path}: metadata 'rank' {meta['rank']!r} is not a positive integer")
+        if kind == "lora" and int(rank) != max(ranks.values()):
+            raise UserError(f"{path}: metadata 'rank' {rank} but its tensors have rank {max(ranks.values())}")
+    return value
+
+
 def _check_layer_set(path: Path, meta: dict[str, str], targets: list[str]) -> None:
     """The file's tensors cover exactly the layers its metadata lists (a file edited or cut short is refused)."""
-    listed = json.loads(meta.get("targets") or "[]")
+    listed = _meta_json(path, meta, "targets", (str,), "layer names")
     if listed and set(listed) != set(targets):
         missing, extra = sorted(set(listed) - set(targets)), sorted(set(targets) - set(listed))
         raise UserError(f"{path}: its tensors cover other layers than its metadata lists (missing {missing[:3]}, "
@@ -172,8 +209,8 @@ def _check_layer_set(path: Path, meta: dict[str, str], targets: list[str]) -> No
 def _check_base(path: Path, meta: dict[str, str], unet: nn.Module, targets: list[str]) -> None:
     if not meta.get("base_fingerprint"):
         return
-    want = json.loads(meta["base_fingerprint"])
-    have = base_fingerprint(unet, json.loads(meta.get("targets", "[]")) or targets)
+    want = _meta_json(path, meta, "base_fingerprint", (int, float), "numbers")
+    have = base_fingerprint(unet, _meta_json(path, meta, "targets", (str,), "layer names") or targets)
     if len(want) != len(have) or any(abs(w - h) > 1e-3 * max(abs(w), 1e-8) for w, h in zip(want, have)):
         raise UserError(f"{path}: trained on another base model (base weights fingerprint {want}, "
                         f"this model {have})")
@@ -199,7 +236,7 @@ def load_adapter(path: str | Path, unet: nn.Module, alpha: float | None = None, 
     _check_layer_set(path, meta, targets)
     fmt = meta.get("format", "release-pth" if path.suffix != ".safetensors" else "safetensors")
     _check_base(path, meta, unet, targets)
-    alpha = float(alpha if alpha is not None else meta.get("alpha", RELEASE_ALPHA))
+    alpha = checked_alpha(path, meta, alpha, ranks, cls.kind)
 
     def make(target: str, layer: nn.Linear) -> Delta:
         parts = {t: tensors[k] for t in cls.tensor_names if (k := f"{target}.{cls.kind}.{t}") in tensors}

@@ -16,11 +16,13 @@ Protocol "release" (the UnGuide release, fact sheet §5/§6), with its 49-step s
     x_T^r = randn(1, C, h, w), paired for p and ""; t = randint(lo, hi, (1,)) from a fresh generator with the
     same seed (the same t for every repeat and for both prompts); trajectory CFG = the row's guidance;
     d(p), d("") = means over repeats; image start code = x_T^0, image CFG = the row's guidance.
+  Each row's (each prompt's) samples run in UNet calls of their own, so its numbers do not depend on its batch.
   Start codes come from a CPU generator (ldm.erasure.draws; the release drew them on its device).
 Protocol "fast": the same formulas, cheaper:
   * d("") is estimated once per run from `empty_draws` draws (guidance does not matter for "": c == u, so its
     trajectory needs one UNet sample per step, not two) and reused for every prompt;
-  * the repeats of d(p) run as one batch (rows of a CSV batch together); draw i of a seed is
+  * the repeats of d(p) of a prompt run as one batch, in UNet calls of their own (never mixed with another
+    prompt's: a prompt's numbers are the same bytes whatever batch or shard it lands in); draw i of a seed is
     (x_T^i = i-th randn(1, C, h, w) of a generator seeded with the seed, t^i = i-th randint of a second one):
     x_T^0 and t^0 are the release's, x_T^0 is the image's start code (draws.DrawStream);
   * adaptive (optional): draws come in rounds (min_repeats, then round_size more) until the decision is
@@ -37,6 +39,7 @@ computation as a single adapter.
 Every estimator is called (model, protocol, shape, <its inputs>, adapters=..., progress=...): shape is the
 latent's [C, h, w], progress(n) is told of n finished units (draws; chunks for the release's table).
 """
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -65,6 +68,7 @@ class Protocol:
     k_se: float = 3.0
     empty_draws: int = 32
     max_batch: int = 64                       # UNet samples per call in the stability test (memory bound)
+    stop_rule: str = "se"                     # adaptive: when a prompt's draws stop (STOP_RULES, stop_after)
 
     def __post_init__(self):
         if self.name not in ("release", "fast"):
@@ -73,6 +77,28 @@ class Protocol:
             object.__setattr__(self, "settings", replace(self.settings, release_schedule=True))
         if self.repeats < 1 or self.min_repeats < 1 or self.round_size < 1 or self.empty_draws < 1:
             raise ValueError("repeats, min_repeats, round_size and empty_draws must be >= 1")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+
+
+STOP_RULES = {
+    "se": "stop once |mean d(p) - d(\"\")| > k_se combined standard errors, the prompt's own (2 draws at least)",
+    "cv": "as se from the 3rd draw on; before, the prompt's per-draw spread is taken as d(\"\")'s relative spread "
+          "times its mean d(p) (at the 2nd draw: the larger of that and its own), so a clear prompt stops after 1 draw",
+}
+OWN_SPREAD_FROM = 3  # "cv": from this many draws on, a prompt's own standard deviation alone is its spread
+
+
+def stop_after(d_prompt: Estimate, d_empty: Estimate, protocol: Protocol) -> bool:
+    """Whether a prompt's draws so far decide it under the protocol's stop_rule (the adaptive protocol's test)."""
+    if protocol.stop_rule == "se":
+        return clear_margin(d_prompt, d_empty, protocol.k_se)
+    if d_prompt.n < 1 or d_empty.n < 2 or d_empty.mean <= 0:
+        return False
+    prior = d_empty.std / d_empty.mean * d_prompt.mean  # d("")'s coefficient of variation, at this prompt's mean
+    spread = d_prompt.std if d_prompt.n >= OWN_SPREAD_FROM else max(d_prompt.std, prior)
+    se = math.sqrt(spread ** 2 / d_prompt.n + d_empty.sem ** 2)
+    return abs(d_prompt.mean - d_empty.mean) > protocol.k_se * se
 
 
 def protocol_from_flags(name: str, ddim_steps: int, t_enc: int, guidance: float = 7.5, eta: float = 0.0,
@@ -165,24 +191,17 @@ def fast_prompt_estimates(model, protocol: Protocol, shape: Shape, prompts: Sequ
     active = list(range(len(prompts)))
     target = min(protocol.min_repeats, protocol.repeats) if protocol.adaptive else protocol.repeats
     while active:
-        batch_p, batch_x, batch_t, batch_g, owner = [], [], [], [], []
-        for i in active:
+        for i in active:  # each prompt's draws in calls of their own: its numbers never depend on the others
             x, t = streams[reduce_seed(seeds[i])].take(len(values[0][i]), target)
-            batch_p += [prompts[i]] * len(t)
-            batch_x.append(x)
-            batch_t.append(t)
-            batch_g += [guidances[i]] * len(t)
-            owner += [i] * len(t)
-        d = diffs(model, protocol, batch_p, torch.cat(batch_x), torch.cat(batch_t), batch_g,
-                  empty_shortcut=True, adapters=names)
-        for vk, dk in zip(values, d.tolist()):
-            for i, v in zip(owner, dk):
-                vk[i].append(v)
-        if progress:
-            progress(len(owner))
+            d = diffs(model, protocol, [prompts[i]] * len(t), x, t, [guidances[i]] * len(t),
+                      empty_shortcut=True, adapters=names)
+            for vk, dk in zip(values, d.tolist()):
+                vk[i] += dk
+            if progress:
+                progress(len(t))
         if not protocol.adaptive or target >= protocol.repeats:
             break
-        active = [i for i in active if not all(clear_margin(Estimate(vk[i]), e, protocol.k_se)
+        active = [i for i in active if not all(stop_after(Estimate(vk[i]), e, protocol)
                                                for vk, e in zip(values, d_empty))]
         target = min(protocol.repeats, target + protocol.round_size)
     return [[Estimate(v) for v in vk] for vk in values]
@@ -208,23 +227,19 @@ def release_row_estimates(model, protocol: Protocol, shape: Shape, prompts: Sequ
                           guidances: Sequence[float], adapters: Sequence[str] | None = None,
                           progress: Progress = None) -> list[list[Pair]]:
     """The release's per-prompt test (generate_images_nsfw.py) for a batch of rows -> result[k][i] = (d_k(p),
-    d_k("")) of row i, each over `repeats` paired start codes and one fixed t (draws.release_row_draws). All rows'
-    samples run batched; the numbers are the release's."""
+    d_k("")) of row i, each over `repeats` paired start codes and one fixed t (draws.release_row_draws). Each row's
+    samples run in calls of their own; the numbers are the release's."""
     names = _names(model, adapters)
     lo, hi = t_range(protocol.settings, model.num_timesteps)
     r = protocol.repeats
-    batch_p, batch_x, batch_t, batch_g = [], [], [], []
+    rows: list[torch.Tensor] = []  # per row [K, 2r]: its samples in calls of their own (batch-independent numbers)
     for p, s, g in zip(prompts, seeds, guidances):
         codes, t = release_row_draws(s, r, shape, lo, hi)
-        batch_p += [p] * r + [""] * r
-        batch_x += [codes, codes]
-        batch_t.append(t.repeat(2 * r))
-        batch_g += [g] * (2 * r)
-    d = diffs(model, protocol, batch_p, torch.cat(batch_x), torch.cat(batch_t), batch_g, adapters=names)
-    if progress:
-        progress(len(batch_p))
-    chunks = [[dk[2 * r * i: 2 * r * (i + 1)].tolist() for i in range(len(prompts))] for dk in d]
-    return [[(Estimate(c[:r]), Estimate(c[r:])) for c in ck] for ck in chunks]
+        rows.append(diffs(model, protocol, [p] * r + [""] * r, torch.cat([codes, codes]), t.repeat(2 * r),
+                          [g] * (2 * r), adapters=names))
+        if progress:
+            progress(2 * r)
+    return [[(Estimate(d[k, :r].tolist()), Estimate(d[k, r:].tolist())) for d in rows] for k in range(len(names))]
 
 
 def release_diff_table(model, protocol: Protocol, shape: Shape, prompts: Sequence[str], seed: int,
@@ -246,12 +261,10 @@ def release_diff_table(model, protocol: Protocol, shape: Shape, prompts: Sequenc
         t = torch.randint(lo, hi, (n_samples,), generator=gen)
         for _ in range(len(uniq) * sampler_steps):  # the release's DDIM sampler shares `gen`: at every step of each
             torch.randn((n_samples, *shape), generator=gen)  # prompt's trajectory it draws eta-noise (x 0 at eta 0)
-        batch_p = [p for p in uniq for _ in range(n_samples)]
-        d = diffs(model, protocol, batch_p, codes.repeat(len(uniq), 1, 1, 1), t.repeat(len(uniq)),
-                  protocol.settings.guidance, adapters=names)
-        for table, dk in zip(tables, d):
-            for k, p in enumerate(uniq):
-                table[p] += dk[k * n_samples:(k + 1) * n_samples].tolist()
+        for p in uniq:  # each prompt in calls of its own: its numbers do not depend on the JSON's other prompts
+            d = diffs(model, protocol, [p] * n_samples, codes, t, protocol.settings.guidance, adapters=names)
+            for table, dk in zip(tables, d):
+                table[p] += dk.tolist()
         if progress:
             progress(1)
     return tables

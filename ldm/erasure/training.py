@@ -16,6 +16,7 @@ file. The loop owns the rest:
 Exit codes: 0 done, 1 loss became NaN/inf (last good file kept), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 import csv
+import json
 import os
 import resource
 import signal
@@ -183,17 +184,47 @@ def read_state(path: Path, fingerprint: dict, tensor_keys, legacy: dict | None =
 
 class RunFiles:
     """Where a run writes: <output_dir>/<run name>/{models/<stem>.safetensors, models/<stem>_partial.safetensors,
-    checkpoint/state.pt, train_config.json, losses.csv, losses.png}."""
+    checkpoint/state.pt, train_config.json, losses.csv, losses.png}.
+
+    THE rule for "this run finished": its final file exists (`finished()`). Completion (TrainingRun._complete)
+    saves state.pt at the last iteration, writes the file under a pending name, writes train_config.json with
+    status "complete", and only then renames the pending file to its final name; a kill anywhere in between leaves
+    no final file beside a record that says otherwise. `recover()` ends an interrupted completion: the pending file
+    is renamed when the record already says complete, removed otherwise (then --resume continues from state.pt)."""
 
     def __init__(self, run_dir: Path, stem: str = "lora"):
         self.run_dir = Path(run_dir)
         self.final = self.run_dir / "models" / f"{stem}.safetensors"
+        self.pending = self.run_dir / "models" / f".{stem}.pending.safetensors"
         self.partial = self.run_dir / "models" / f"{stem}_partial.safetensors"
         self.state = self.run_dir / "checkpoint" / "state.pt"
         self.config = self.run_dir / "train_config.json"
 
+    def recover(self) -> None:
+        """Finish or undo a completion cut short (see the class); drop what a finished run no longer needs."""
+        if self.pending.is_file():
+            try:
+                status = json.loads(self.config.read_text(encoding="utf-8")).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = None
+            if status == "complete":
+                os.replace(self.pending, self.final)
+            else:
+                self.pending.unlink()
+        if self.final.is_file():
+            for stale in (self.partial, self.state):
+                stale.unlink(missing_ok=True)
+
+    def finished(self) -> bool:
+        """Whether the run finished (its final file exists, after `recover`)."""
+        self.recover()
+        return self.final.is_file()
+
     def check(self, resume: bool) -> None:
-        """Refuse --resume without a checkpoint, and a fresh run over an unfinished one."""
+        """Refuse --resume without a checkpoint, a fresh run over an unfinished one and a run that finished."""
+        if self.finished():
+            raise UserError(f"{self.run_dir}: that run already finished ({self.final}); delete that directory to "
+                            "train it again")
         if resume and not self.state.is_file():
             raise UserError(f"--resume: no checkpoint at {self.state}"
                             + (" (that run already finished)" if self.final.is_file() else ""))
@@ -333,7 +364,8 @@ class TrainingRun:
         mem, kind = peak_memory(self.device)
         n_new = done - self.start
         self.record.update({
-            "status": status, "iterations_done": done, "adapter": str(path),
+            "status": status, "iterations_done": done,
+            "adapter": str(self.files.final if path == self.files.pending else path),
             "final_loss": losses[-1] if losses else None,
             "average_loss": sum(losses) / len(losses) if losses else None,
             "seconds_per_iteration": t.train_seconds / done if done else None,
@@ -368,10 +400,13 @@ class TrainingRun:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
     def _complete(self) -> int:
+        """state.pt at the last iteration, the file under its pending name, the record "complete", then the rename
+        that makes the run finished (RunFiles); a kill in between is resumed or rolled forward, never retrained."""
         f, r = self.files, self.record
-        self._finish("complete", f.final, self.trainer.done)
-        for stale in (f.partial, f.state):
-            stale.unlink(missing_ok=True)
+        self._save_state()
+        self._finish("complete", f.pending, self.trainer.done)
+        os.replace(f.pending, f.final)
+        f.recover()  # the finished run's state.pt and partial file go
         print(f"saved {f.final} and {f.config}; final loss {self.trainer.losses[-1]:.6f}, "
               f"mean {r['average_loss']:.6f}, {r['seconds_per_iteration']:.3f} s/it, peak memory "
               f"{r['peak_memory_gib']} GiB ({r['peak_memory_kind']})")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ldm.erasure.training import RunFiles
 from ldm.errors import UserError
 from ldm.evaluation.digits import WORDS, digit_of_text
 
@@ -89,9 +90,9 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
 
 def train_adapter(args, prompts_json: Path, output_dir: Path, seed: int) -> Path:
     """The adapter of the toy settings for this digit and seed: trained with train.py, or reused when that exact
-    run finished before (train.py writes the adapter only when the run completes)."""
+    run finished before (train.py's rule: RunFiles.finished)."""
     argv, lora = train_argv(args, prompts_json, output_dir, seed)
-    if lora.is_file():
+    if RunFiles(lora.parents[1], lora.stem).finished():
         print(f"reusing {lora}")
         return lora
     run_script("train.py", argv)

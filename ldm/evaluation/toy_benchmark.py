@@ -19,9 +19,13 @@ CONFIG = ROOT / "configs/toy/digits-inference.yaml"
 CKPT = ROOT / "models/toy-digits.safetensors"
 DIGITS_DIR = ROOT / "data" / "digits"
 IMAGE_SIZE = 16
-TOY_SETTINGS = {"iterations": 300, "lr": 3e-4, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50,
+TOY_SETTINGS = {"iterations": 300, "lr": 1e-3, "negative_guidance": 2.0, "t_enc": 25, "repeats": 10, "steps": 50,
                 "lora_rank": 1, "lora_alpha": 8.0, "target_modules": ["default"], "start_guidance": 9.0,
-                "preserve_weight": 10.0}
+                "preserve_weight": 10.0, "check_every": 100, "check_min_ratio": 1.5, "check_max_rate": 0.1,
+                "check_max_iterations": 600}
+# The erasure check (train.py --check_*; ldm/erasure/check.py) with the digit classifier as its judge: an adapter
+# that at the planned 300 iterations has not moved d(target) to 1.5 d("") or still draws the digit alone in more
+# than 10% of the check's images trains on, 100 iterations at a time, up to 600.
 # Preservation prompts (train.py --preserve) for erasing digit d: the OTHER nine digits in a template the
 # benchmarks never sample ("a handwritten 7"; the tables' prompts spell digits as words: "... the digit seven").
 PRESERVE_TEMPLATE = "a handwritten {}"
@@ -62,6 +66,12 @@ def add_toy_args(p) -> None:
     p.add_argument("--preserve_weight", type=float, default=s["preserve_weight"],
                    help="train.py --preserve_weight for the other nine digits' 'a handwritten N' prompts; "
                         "0: the release's objective alone")
+    p.add_argument("--train_check_every", type=int, default=s["check_every"],
+                   help="train.py --check_every: the erasure check every N iterations (0: off)")
+    p.add_argument("--train_check_min_ratio", type=float, default=s["check_min_ratio"], help="train.py --check_min_ratio")
+    p.add_argument("--train_check_max_rate", type=float, default=s["check_max_rate"], help="train.py --check_max_rate")
+    p.add_argument("--train_check_max_iterations", type=int, default=s["check_max_iterations"],
+                   help="train.py --check_max_iterations")
     p.add_argument("--t_enc", type=int, default=s["t_enc"], help="stability test: partial trajectory down to t_enc")
     p.add_argument("--repeats", type=int, default=s["repeats"], help="stability test draws per prompt")
     p.add_argument("--device", default="cpu")
@@ -82,6 +92,10 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
             "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules]
     if args.preserve_weight > 0:
         argv += ["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
+    if getattr(args, "train_check_every", 0):
+        argv += ["--check_every", str(args.train_check_every), "--check_judge", "digits", "--check_min_ratio",
+                 str(args.train_check_min_ratio), "--check_max_rate", str(args.train_check_max_rate),
+                 "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
     name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(' '.join(argv).encode()).hexdigest()[:8]}"
     argv = ["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
             "--threads", str(args.threads), "--output_dir", str(output_dir), "--run_name", name, *argv]

@@ -1,29 +1,36 @@
 """The end-to-end erasure benchmark on the toy-digits model: erase a digit, show it is gone and nothing else broke,
-over training seeds, test seeds and wordings (issue 18: distributions, not one tuned run).
+over training seeds, test seeds, wordings and decision rules (issue 18: distributions, not one tuned run).
 
-    python -m scripts.experiments.e2e_toy --digit three                            # quickstart: one run, ~6 min
-    python -m scripts.experiments.e2e_toy --digit three five --train_seeds 0 1 2 3 4 --test_seeds 0 1 2 --samples 20
+    python -m scripts.experiments.e2e_toy --digit three                            # quickstart: one run
+    python -m scripts.experiments.e2e_toy --digits zero one two three four five six seven eight nine \\
+        --train_seeds 0 1 2 3 4 --test_seeds 0 1 2 --samples 10                  # the sweep (a benchmark run)
 
 Runs the project's own scripts, each in its own process as a user would, on models/toy-digits.safetensors:
     1. train.py             erase data/digits/<digit>.json's target (anchor: its "reference"), preserving the
-                            other nine digits' "a handwritten N" prompts; one adapter per training seed (reused when
-                            that exact run finished before)
-    2. generate_images.py   per test seed (the stability test's draws and the images' seeds), three ways: base model
-                            (w1 = w2 = 1), adapter alone (w1 = w2 = 0), UnGuide (w1 -1, w2 2, the stability test on
-                            the fly over every prompt: its decisions land in decisions.json)
-    3. the digit classifier (ldm/evaluation/digits.py) on every image
+                            other nine digits' "a handwritten N" prompts, with the erasure check on (d(target)/d("")
+                            and the adapter-alone rate judged by the digit classifier; an adapter that has not
+                            passed at the planned end trains on); one adapter per training seed, reused when that
+                            exact run finished before
+    2. compute_lora_diff.py per test seed: the stability test's d(p) for every prompt (the draws generate_images.py's
+                            on-the-fly test takes with the same seed) and the calibrated threshold; also held-out
+                            wordings of the other digits, for the test's false-positive rate
+    3. generate_images.py   the images of every (prompt, w) some way needs, once: w = 1 (the base model), 0 (the
+                            adapter alone), -1 and 2 (UnGuide's w1 and w2). Every way uses the same seeds
+                            (seed * 1000 + index), so a way is a choice of w per prompt, read off the same images
+    4. the digit classifier (ldm/evaluation/digits.py) on every image
 and writes --out (default outputs/e2e_toy/<digits>/): results.md (tables), results.json (every run), grid.png
-(first run: rows = prompts, columns = base / adapter alone / UnGuide, four samples a cell), run_config.json.
+(first run: rows = prompts, columns = ways, four samples a cell), run_config.json.
 
-Prompt groups: target, synonyms (the JSON's), held-out wordings (HELDOUT_TEMPLATES: phrasings the JSON does not
-list; a wording counts only where the base model draws the digit in at least half of its images), others (the
-other nine digits). Rates are the 10-way classifier's share of the erased digit (or, for others, of their own
-digit); "unsure" is the share the judge reads as nothing digit-like (ldm.evaluation.digits.classify_with_confidence).
-The toy settings live in ldm/evaluation/toy_benchmark.py; Stable Diffusion keeps the release's defaults.
+Ways (WAYS): base, adapter alone, and UnGuide under four decisions: the release's (flag d(p) > d(""); w1 = -1,
+w2 = 2), the calibrated threshold (compute_lora_diff.py's, learned from the prompts JSON) with w2 = 2, and the
+calibrated threshold with unflagged prompts capped at the base model (safe) or at the adapter alone (floor)
+(ldm/erasure/decision.py). Prompt groups: target, synonyms, held-out wordings (HELDOUT_TEMPLATES; a wording counts
+only where the base model draws the digit in at least half of its images), others (the other nine digits). Rates:
+the 10-way classifier's share of the erased digit (others: of their own digit); "unsure": the share the judge reads
+as nothing digit-like (ldm.evaluation.digits.classify_with_confidence). Toy settings: ldm/evaluation/toy_benchmark.py.
 """
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -31,18 +38,27 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.cli import HelpFormatter, run, write_json
+from ldm.erasure.decision import get_rule
 from ldm.evaluation.digits import WORDS, digit_of_text, digit_rates
-from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, prompt_rate, prompts_file, run_script,
+from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, model_args, prompts_file, run_script,
                                           train_adapter)
 from ldm.images import image_grid, save_image
 from ldm.prompts import experiment_prompts
 
-WAYS = {"base": (1.0, 1.0), "adapter": (0.0, 0.0), "unguide": (-1.0, 2.0)}
-WAY_NAMES = {"base": "base model (w1 = w2 = 1)", "adapter": "adapter alone (w1 = w2 = 0)",
-             "unguide": "UnGuide (w1 = -1, w2 = 2)"}
+W1, W2 = -1.0, 2.0  # the release's UnGuidance weights
+# way: (label, decision rule, threshold: 1 = the release's, "auto" = calibrated); rule None: the fixed w of FIXED
+WAYS = {"base": ("base model (w = 1)", None, None),
+        "adapter": ("adapter alone (w = 0)", None, None),
+        "release": ("UnGuide, the release: d(p) > d(\"\"), w2 = 2", "release", 1.0),
+        "calibrated": ("UnGuide, calibrated threshold, w2 = 2", "release", "auto"),
+        "safe": ("UnGuide, calibrated, unflagged: base (safe)", "safe", "auto"),
+        "floor": ("UnGuide, calibrated, unflagged: adapter alone (floor)", "floor", "auto")}
+FIXED = {"base": 1.0, "adapter": 0.0}
 HELDOUT_TEMPLATES = ["a photo of the digit {n}", "a handwritten digit {w}", "a drawing of the digit {w}",
                      "the digit {w}", "the number {w}", "{w}", "a sketch of the number {w}", "an image of a {w}"]
+OTHER_HELDOUT_TEMPLATES = ["the number {w}", "a handwritten digit {w}"]  # other digits: the test's false positives
 GROUPS = ("target", "synonyms", "heldout", "others")
+TARGETS = {"target": 0.05, "synonyms": 0.05, "heldout": 0.10, "others_mean": 0.01, "others_worst": 0.02}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,8 +67,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train_seeds", type=int, nargs="+", default=[0], help="one adapter per seed")
     p.add_argument("--test_seeds", type=int, nargs="+", default=[0],
                    help="per seed: the stability test's draws and the images' seeds (seed * 1000 + index)")
+    p.add_argument("--ways", nargs="+", choices=list(WAYS), default=list(WAYS), help="what to measure")
     p.add_argument("--out", default=None, help="output folder (default outputs/e2e_toy/<digits>)")
-    p.add_argument("--samples", type=int, default=50, help="images per prompt and way")
+    p.add_argument("--train_dir", default=None,
+                   help="where the adapters are trained and reused (default <out>/<digit>/train; a folder shared "
+                        "by several benchmarks trains each adapter once)")
+    p.add_argument("--samples", type=int, default=20, help="images per prompt and w")
     add_toy_args(p)
     return p
 
@@ -62,27 +82,41 @@ def main(argv=None) -> None:
     files = {d: prompts_file(d) for d in args.digits}
     out = Path(args.out or ROOT / "outputs" / "e2e_toy" / "_".join(args.digits))
     out.mkdir(parents=True, exist_ok=True)
-    results = {"runs": [], "settings": vars(args)}
+    results = {"runs": [], "training": [], "settings": vars(args)}
+    write_json(out / "run_config.json", vars(args))
     t_all = time.time()
     for digit, path in files.items():
         for train_seed in args.train_seeds:
             t0 = time.time()
-            lora = train_adapter(args, path, out / digit / "train", train_seed)
-            train_secs = time.time() - t0
+            lora = train_adapter(args, path, Path(args.train_dir) if args.train_dir else out / digit / "train",
+                                 train_seed)
+            results["training"].append({"digit": digit, "train_seed": train_seed, "seconds": time.time() - t0,
+                                        **training_summary(lora)})
             for test_seed in args.test_seeds:
                 folder = out / digit / f"train{train_seed}" / f"test{test_seed}_n{args.samples}"  # keyed by what made it
                 r = evaluate(args, digit, path, lora, folder, test_seed)
-                results["runs"].append({"digit": digit, "train_seed": train_seed, "test_seed": test_seed,
-                                        "train_seconds": train_secs, **r})
-    results["seconds"] = time.time() - t_all
-    text = report(results, args)
-    (out / "results.md").write_text(text)
-    write_json(out / "results.json", results)
-    write_json(out / "run_config.json", vars(args))
-    first = results["runs"][0]
-    save_image(grid(Path(first["folder"]), first["prompts"]), out / "grid.png")
+                results["runs"].append({"digit": digit, "train_seed": train_seed, "test_seed": test_seed, **r})
+            results["seconds"] = time.time() - t_all
+            text = write_results(out, results, args)  # after every adapter: a long sweep reports as it goes
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'grid.png'} ({results['seconds']:.0f} s)")
+
+
+def write_results(out: Path, results: dict, args) -> str:
+    text = report(results, args)
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(text)
+    save_image(grid(results["runs"][0], args.ways), out / "grid.png")
+    return text
+
+
+def training_summary(lora: Path) -> dict:
+    """What train.py recorded of the run: iterations, seconds, peak memory, the erasure check."""
+    cfg = json.loads((lora.parent.parent / "train_config.json").read_text())
+    check = cfg.get("erasure_check") or {}
+    return {"iterations": cfg.get("iterations_done"), "train_seconds_recorded": (cfg.get("seconds_per_iteration") or 0)
+            * (cfg.get("iterations_done") or 0), "peak_memory_gib": cfg.get("peak_memory_gib"),
+            "check_passed": check.get("passed"), "check_ratio": check.get("ratio"), "check_rate": check.get("rate")}
 
 
 def prompt_groups(data: dict) -> dict[str, list[str]]:
@@ -94,48 +128,114 @@ def prompt_groups(data: dict) -> dict[str, list[str]]:
             "heldout": [p for p in heldout if p not in listed], "others": [p for p in data.get("other", []) if p]}
 
 
+def other_heldout(data: dict) -> list[str]:
+    """Held-out wordings of the other nine digits (measured by the stability test only)."""
+    d = digit_of_text(data["target"])
+    return [t.format(w=w) for t in OTHER_HELDOUT_TEMPLATES for i, w in enumerate(WORDS) if i != d]
+
+
+def stability_test(args, prompts_json: Path, lora: Path, folder: Path, seed: int, extra: list[str]) -> dict:
+    """compute_lora_diff.py's calc_diff_results.json for this adapter and seed (run once)."""
+    result = folder / "calc_diff_results.json"
+    if not result.is_file():  # written atomically when the script finished
+        run_script("compute_lora_diff.py", [*model_args(args), "--lora", str(lora), "--prompts_json", str(prompts_json),
+                                            "--output_dir", str(folder), "--seed", str(seed), "--ddim_steps",
+                                            str(args.steps), "--t_enc", str(args.t_enc), "--repeats",
+                                            str(args.repeats), "--image_size", "16"]
+                   + sum([["--prompt", p] for p in extra], []))
+    return json.loads(result.read_text())
+
+
+def weights(way: str, prompts: list[str], d: dict, d_empty: float, tau: float | None) -> dict[str, float]:
+    """{prompt: w} of a way (a fixed w, or a decision rule on the stability test's d)."""
+    _, rule, threshold = WAYS[way]
+    if rule is None:
+        return {p: FIXED[way] for p in prompts}
+    t = tau if threshold == "auto" else threshold
+    return {p: get_rule(rule)(d[p], d_empty, W1, W2, t) for p in prompts}
+
+
+def images_for(args, folder: Path, prompts: list[str], w: float, lora: Path | None, seed: int) -> Path:
+    """generate_images.py at a fixed w (no decision) for `prompts`, unless every one is already there."""
+    record = folder / "decisions.json"
+    if (folder / "run_summary.json").is_file() and record.is_file():
+        done = json.loads(record.read_text())["prompts"]
+        if all(p in done and len(list((folder / "images" / done[p]["folder"]).glob("*.jpg"))) >= args.samples
+               for p in prompts):
+            return folder
+    run_script("generate_images.py", generate_argv(args, folder, args.samples, seed)
+               + ["--w1", str(w), "--w2", str(w)] + sum([["--prompt", p] for p in prompts], [])
+               + ([] if lora is None else ["--lora", str(lora)]))
+    return folder
+
+
 def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, seed: int) -> dict:
-    """The three ways for one adapter and one test seed -> {way: group summaries}, flags, folder, prompts."""
+    """Every way for one adapter and one test seed -> {way: group summaries}, flags, folders, prompts."""
     data = json.loads(prompts_json.read_text())
     groups = prompt_groups(data)
     prompts = [p for g in GROUPS for p in groups[g]]
-    ways = {}
-    for way, (w1, w2) in WAYS.items():
-        target = folder / way
-        if way == "base":  # the base model does not depend on the adapter: one folder per test seed
-            target = folder.parent.parent / f"base_{folder.name}"
-        if not (target / "run_summary.json").is_file():  # written by generate_images.py when it finished
-            shutil.rmtree(target, ignore_errors=True)
-            run_script("generate_images.py", generate_argv(args, target, args.samples, seed * 1000)
-                       + ["--w1", str(w1), "--w2", str(w2)] + sum([["--prompt", p] for p in prompts], [])
-                       + ([] if way == "base" else ["--lora", str(lora)]))
-        ways[way] = {"folder": str(target), **summarise(target, groups, digit_of_text(data["target"]))}
-    heldout_ok = [p for p in groups["heldout"] if ways["base"]["per_prompt"][p] >= 0.5]
-    for w in ways.values():  # held-out wordings count only where the base model draws the digit
+    extra = other_heldout(data)
+    image_seed = seed * 1000
+    diff = stability_test(args, prompts_json, lora, folder / "test", image_seed, groups["heldout"] + extra)
+    stats = diff["prompt_stats"]
+    d, d_empty = {p: s["mean"] for p, s in stats.items()}, stats[""]["mean"]
+    tau = (diff.get("calibration") or {}).get("threshold")
+    ws = {way: weights(way, prompts, d, d_empty, tau if tau is not None else 1.0) for way in args.ways}
+    need: dict[float, set[str]] = {1.0: set(prompts)}  # the base model's images: every prompt, every time
+    for w_of in ws.values():
+        for p, w in w_of.items():
+            need.setdefault(w, set()).add(p)
+    classified = {}
+    for w, ps in sorted(need.items()):
+        target = folder.parent.parent / f"base_{folder.name}" if w == 1.0 else folder / f"w{w:+g}"
+        images_for(args, target, [p for p in prompts if p in ps], w, None if w == 1.0 else lora, image_seed)
+        classified[w] = (target, classify(target))
+    target_digit = digit_of_text(data["target"])
+    ways = {way: summarise({p: classified[w_of[p]][1][p] for p in prompts}, groups, target_digit)
+            for way, w_of in ws.items()}
+    base = summarise(classified[1.0][1], groups, target_digit)
+    heldout_ok = [p for p in groups["heldout"] if base["per_prompt"][p] >= 0.5]  # wordings the base model draws
+    for w in ways.values():
         w["heldout_rate"] = _mean([w["per_prompt"][p] for p in heldout_ok])
-    flags = json.loads((folder / "unguide" / "decisions.json").read_text())["prompts"]
-    flagged = {g: _mean([float(flags[p]["w"][0] == -1.0) for p in groups[g] if p in flags]) for g in GROUPS}
-    return {"ways": ways, "flagged": flagged, "heldout_counted": heldout_ok, "folder": str(folder),
-            "prompts": prompts, "base_folder": ways["base"]["folder"]}
+    ratio = {p: d[p] / d_empty for p in d}
+    flags = {name: {g: _mean([float(ratio[p] > t) for p in groups[g]]) for g in GROUPS}
+             for name, t in (("release", 1.0), ("calibrated", tau))}
+    for name, t in (("release", 1.0), ("calibrated", tau)):
+        flags[name]["heldout_counted"] = _mean([float(ratio[p] > t) for p in heldout_ok])
+        flags[name]["others_heldout"] = _mean([float(ratio[p] > t) for p in extra])
+    return {"ways": ways, "base_others_rate": base["others_rate"], "weights": ws, "flagged": flags, "tau": tau, "ratios": ratio,
+            "calibration_separable": (diff.get("calibration") or {}).get("separable"),
+            "heldout_counted": heldout_ok, "folder": str(folder), "prompts": prompts,
+            "image_folders": {str(w): str(f) for w, (f, _) in classified.items()}}
 
 
-def summarise(folder: Path, groups: dict[str, list[str]], target_digit: int) -> dict:
+_CLASSIFIED: dict[str, dict] = {}
+
+
+def classify(folder: Path) -> dict[str, dict]:
+    """{prompt: the classifier's summary of its images} for a generate_images.py folder (cached per folder)."""
+    key = str(folder)
+    if key not in _CLASSIFIED:
+        res = digit_rates(folder / "images")["folders"]
+        record = json.loads((folder / "decisions.json").read_text())["prompts"]
+        _CLASSIFIED[key] = {p: res[r["folder"]] for p, r in record.items() if r["folder"] in res}
+    return _CLASSIFIED[key]
+
+
+def summarise(per: dict[str, dict], groups: dict[str, list[str]], target_digit: int) -> dict:
     """Per group: the erased digit's share (others: their own digit's share) and the unsure share; per prompt."""
-    res = digit_rates(folder / "images")
-    record = json.loads((folder / "decisions.json").read_text())["prompts"]
-    where = {p: record[p]["folder"] for g in GROUPS for p in groups[g]}
-    f = res["folders"]
-    out = {"per_prompt": {p: f[where[p]]["rates"][target_digit] for g in GROUPS[:3] for p in groups[g]}}
-    out["per_prompt"].update({p: f[where[p]]["rate"] for p in groups["others"]})
+    out = {"per_prompt": {p: per[p]["rates"][target_digit] for g in GROUPS[:3] for p in groups[g] if p in per}}
+    out["per_prompt"].update({p: per[p]["rates"][digit_of_text(p)] for p in groups["others"] if p in per})
     for g in GROUPS:
-        digit_of = (lambda p: digit_of_text(p)) if g == "others" else (lambda p: target_digit)
-        out[f"{g}_rate"] = prompt_rate(f, where, groups[g], digit_of) if groups[g] else None
-        out[f"{g}_unsure"] = _mean([f[where[p]]["unsure_rate"] for p in groups[g]])
-    out["confusion_target"] = f[where[groups["target"][0]]]["rates"]  # what the target prompt's images became
+        out[f"{g}_rate"] = _mean([out["per_prompt"][p] for p in groups[g] if p in per])
+        out[f"{g}_unsure"] = _mean([per[p]["unsure_rate"] for p in groups[g] if p in per])
+    t = groups["target"][0]
+    out["confusion_target"] = per[t]["rates"] if t in per else None  # what the target prompt's images became
     return out
 
 
 def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
@@ -148,27 +248,67 @@ def _dist(values: list[float], worst) -> str:
     return f"{statistics.mean(values):.1%} (worst {worst(values):.1%}, sd {sd:.1%})"
 
 
+def meets_targets(runs: list[dict], way: str) -> dict[str, bool]:
+    """The issue's targets for one way over every run: target and synonyms <= 5% in every run, held-out <= 10%,
+    other digits within 1 point of the base model on average and 2 points in the worst run."""
+    w = [r["ways"][way] for r in runs]
+    drop = [r["base_others_rate"] - x["others_rate"] for r, x in zip(runs, w)]
+    return {"target": all(x["target_rate"] <= TARGETS["target"] for x in w),
+            "synonyms": all((x["synonyms_rate"] or 0) <= TARGETS["synonyms"] for x in w),
+            "heldout": all((x["heldout_rate"] or 0) <= TARGETS["heldout"] for x in w),
+            "others": statistics.mean(drop) <= TARGETS["others_mean"] and max(drop) <= TARGETS["others_worst"]}
+
+
 def report(results: dict, args) -> str:
-    """results.md: per way, the distribution over every (digit, training seed, test seed) run; then each run."""
-    runs = results["runs"]
+    """results.md: per way, the distribution over every (digit, training seed, test seed) run; the stability
+    test's flags; the training check; then each run."""
+    runs, training = results["runs"], results["training"]
     lines = [f"Erasing {', '.join(args.digits)} from the toy-digits model: training seeds {args.train_seeds}, test "
-             f"seeds {args.test_seeds} ({len(runs)} runs), {args.samples} images per prompt and way, DDIM "
+             f"seeds {args.test_seeds} ({len(runs)} runs), {args.samples} images per prompt and w, DDIM "
              f"{args.steps}, CFG 7.5; {results['seconds']:.0f} s in all. Cells: mean over runs (worst run, sd).", "",
-             "| way | target rate | synonym rate | held-out wordings rate | accuracy on other digits | target unsure |",
-             "|---|---|---|---|---|---|"]
-    for way in WAYS:
+             "| way | target rate | synonym rate | held-out wordings rate | accuracy on other digits | target unsure "
+             "| meets the targets |", "|---|---|---|---|---|---|---|"]
+    for way in args.ways:
         w = [r["ways"][way] for r in runs]
-        lines.append(f"| {WAY_NAMES[way]} | {_dist([x['target_rate'] for x in w], max)} | "
+        ok = meets_targets(runs, way) if way not in FIXED else None
+        verdict = "-" if ok is None else ("yes" if all(ok.values()) else
+                                          "no: " + ", ".join(k for k, v in ok.items() if not v))
+        lines.append(f"| {WAYS[way][0]} | {_dist([x['target_rate'] for x in w], max)} | "
                      f"{_dist([x['synonyms_rate'] for x in w], max)} | {_dist([x['heldout_rate'] for x in w], max)} | "
-                     f"{_dist([x['others_rate'] for x in w], min)} | {_dist([x['target_unsure'] for x in w], max)} |")
-    lines += ["", "UnGuide's stability test: share of each group's prompts flagged (w1):", "",
-              "| group | flagged |", "|---|---|"]
-    lines += [f"| {g} | {_dist([r['flagged'][g] for r in runs], min if g != 'others' else max)} |" for g in GROUPS]
+                     f"{_dist([x['others_rate'] for x in w], min)} | {_dist([x['target_unsure'] for x in w], max)} "
+                     f"| {verdict} |")
+    lines += ["", "Targets (issue 18): target and synonyms <= 5% in every run, held-out wordings <= 10%, other digits "
+              "within 1 point of the base model on average and 2 points at worst.", "",
+              "The stability test: share of each group's prompts flagged (r = d(p)/d(\"\") above the threshold); "
+              "held-out wordings of the concept unflagged are its false negatives, other digits flagged its false "
+              "positives (\"other digits, held-out\": wordings no threshold was learned from):", "",
+              "| threshold | target | synonyms | held-out (counted) | other digits | other digits, held-out |",
+              "|---|---|---|---|---|---|"]
+    for name in ("release", "calibrated"):
+        f = [r["flagged"][name] for r in runs]
+        lines.append(f"| {name} | " + " | ".join(_dist([x[g] for x in f], mx) for g, mx in
+                                                 (("target", min), ("synonyms", min), ("heldout_counted", min),
+                                                  ("others", max), ("others_heldout", max))) + " |")
+    taus = [r["tau"] for r in runs if r["tau"] is not None]
+    sep = [bool(r["calibration_separable"]) for r in runs if r["calibration_separable"] is not None]
+    if taus:
+        lines += ["", f"Calibrated threshold tau: mean {statistics.mean(taus):.2f} (min {min(taus):.2f}, max "
+                  f"{max(taus):.2f}); the JSON's concept and other prompts separable in {sum(sep)} of {len(sep)} runs."]
+    lines += ["", "Training (train.py with the erasure check; ratio = d(target)/d(\"\"), rate = adapter-alone target "
+              "rate on the check's images):", "", "| digit | train seed | iterations | check | ratio | rate | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for t in training:
+        rate = "-" if t.get("check_rate") is None else f"{t['check_rate']:.0%}"
+        ratio = "-" if t.get("check_ratio") is None else f"{t['check_ratio']:.2f}"
+        check = {True: "passed", False: "failed"}.get(t.get("check_passed"), "-")
+        lines.append(f"| {t['digit']} | {t['train_seed']} | {t['iterations']} | {check} | {ratio} | {rate} | "
+                     f"{t['seconds']:.0f} |")
     lines += ["", "Each run (target / synonyms / held-out / others):", "",
-              "| digit | train seed | test seed | base | adapter alone | UnGuide |", "|---|---|---|---|---|---|"]
+              "| digit | train seed | test seed | " + " | ".join(args.ways) + " |",
+              "|---|---|---|" + "---|" * len(args.ways)]
     for r in runs:
         cells = [" / ".join("-" if r["ways"][w][f"{g}_rate"] is None else f"{r['ways'][w][f'{g}_rate']:.0%}"
-                            for g in GROUPS) for w in WAYS]
+                            for g in GROUPS) for w in args.ways]
         lines.append(f"| {r['digit']} | {r['train_seed']} | {r['test_seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -182,14 +322,17 @@ def _cell(images: list[Image.Image]) -> Image.Image:
     return cell
 
 
-def grid(folder: Path, prompts: list[str]) -> Image.Image:
-    """Rows: prompts; columns: base / adapter alone / UnGuide (the first run's images)."""
-    base = folder.parent.parent / f"base_{folder.name}"
-    roots = [base, folder / "adapter", folder / "unguide"]
-    dirs = [json.loads((r / "decisions.json").read_text())["prompts"] for r in roots]
-    rows = [[_cell([Image.open(r / "images" / d[p]["folder"] / f"{i:05d}.jpg").convert("RGB") for i in range(4)])
-             for r, d in zip(roots, dirs)] for p in prompts]
-    return image_grid(rows, row_labels=prompts, col_labels=["base", "adapter alone", "UnGuide"], cell=96)
+def grid(run: dict, ways: list[str]) -> Image.Image:
+    """Rows: prompts; columns: the ways (the run's images: each way's w for that prompt)."""
+    rows = []
+    for p in run["prompts"]:
+        row = []
+        for way in ways:
+            folder = Path(run["image_folders"][str(run["weights"][way][p])])
+            sub = json.loads((folder / "decisions.json").read_text())["prompts"][p]["folder"]
+            row.append(_cell([Image.open(folder / "images" / sub / f"{i:05d}.jpg").convert("RGB") for i in range(4)]))
+        rows.append(row)
+    return image_grid(rows, row_labels=run["prompts"], col_labels=[w for w in ways], cell=96)
 
 
 if __name__ == "__main__":

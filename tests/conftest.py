@@ -3,6 +3,8 @@
 The tests run tiny models, where PyTorch's intra-op threads cost more than they bring (a tiny-UNet call is
 20-40x faster on one thread on a loaded 2-core machine); the full-size tests (marked slow) set their own.
 """
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,11 @@ import torch
 def _one_thread():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def toy_train_dir(tmp_path_factory):
+    """One folder for the toy benchmarks' adapters (e2e_toy.py and separability_toy.py --train_dir): an adapter of
+    the same settings and seed is trained once per test session. TOY_ADAPTERS_DIR=folder reuses the adapters a
+    sweep already trained there (run folders are named by a hash of their settings: only the same ones match)."""
+    return os.environ.get("TOY_ADAPTERS_DIR") or tmp_path_factory.mktemp("toy_adapters")

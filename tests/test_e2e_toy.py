@@ -1,7 +1,8 @@
-"""A reduced run of scripts/experiments/e2e_toy.py: train.py -> generate_images.py (three ways, the stability test on
-the fly) -> the digit classifier, on the shipped toy-digits model, each script in its own process. Thresholds are
-below what the full benchmark measures (README), so the test fails when erasure stops working, not on sampling
-noise."""
+"""The reduced sweep of scripts/experiments/e2e_toy.py (issue 18): two digits (three, five) x two training seeds, each script in
+its own process on the shipped toy-digits model (train.py with the erasure check -> compute_lora_diff.py ->
+generate_images.py per w -> the digit classifier). Thresholds sit below what the sweep measures (README), so the
+test fails when erasure, the check or the calibrated decision stop working, not on sampling noise (3 images per
+prompt and w: one wrong image in a prompt is 33 points)."""
 import json
 
 import pytest
@@ -10,21 +11,50 @@ from scripts.experiments import e2e_toy
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, toy_train_dir):
     out = tmp_path_factory.mktemp("e2e")
-    e2e_toy.main(["--digit", "three", "--samples", "6", "--out", str(out)])
+    e2e_toy.main(["--digits", "three", "five", "--train_seeds", "0", "1", "--samples", "3", "--out", str(out),
+                  "--train_dir", str(toy_train_dir)])
     return json.loads((out / "results.json").read_text()), out
 
 
-def test_unguide_erases_the_digit_and_spares_the_others(results):
-    res, out = results
-    (run,) = res["runs"]
-    s = run["ways"]
-    assert s["base"]["target_rate"] >= 0.9 and s["base"]["others_rate"] >= 0.9  # the model draws digits
-    assert s["unguide"]["target_rate"] <= 0.20    # the full run: 8% / 10% (50 images per prompt)
-    assert s["unguide"]["synonyms_rate"] <= 0.20
-    assert s["unguide"]["others_rate"] >= s["base"]["others_rate"] - 0.10  # the full run: within 2 points
-    assert run["flagged"]["target"] == 1.0 and run["flagged"]["synonyms"] >= 2 / 3  # the test flags the concept
-    assert run["heldout_counted"], "no held-out wording the base model draws: the group would say nothing"
+def test_every_adapter_passes_the_training_check(results):
+    res, _ = results
+    assert len(res["training"]) == 4
+    for t in res["training"]:
+        assert t["check_passed"] is True and t["check_ratio"] >= 1.5 and t["check_rate"] <= 0.1, t
+
+
+def test_the_calibrated_safe_rule_erases_every_run_and_spares_the_others(results):
+    res, _ = results
+    assert len(res["runs"]) == 4
+    for run in res["runs"]:
+        base, safe = run["ways"]["base"], run["ways"]["safe"]
+        assert base["target_rate"] >= 0.9 and base["others_rate"] >= 0.9, run["digit"]  # the model draws digits
+        assert safe["target_rate"] <= 0.05 and safe["synonyms_rate"] <= 0.15, (run["digit"], run["train_seed"])
+        assert safe["heldout_rate"] is None or safe["heldout_rate"] <= 0.25
+        assert safe["others_rate"] >= base["others_rate"] - 0.05                # unflagged others: the base model
+        assert run["heldout_counted"], "no held-out wording the base model draws: the group would say nothing"
+        assert run["flagged"]["calibrated"]["target"] == 1.0 and run["flagged"]["calibrated"]["others"] <= 1 / 9
+        assert run["ways"]["adapter"]["target_rate"] <= 0.34                     # the adapter erases on its own
+
+
+def test_ways_are_read_off_shared_images(results):
+    """A way is a w per prompt over the same seeds: where two ways give a prompt the same w, they report the
+    same rate for it."""
+    res, _ = results
+    for run in res["runs"]:
+        for p in run["prompts"]:
+            by_w = {}
+            for way, w_of in run["weights"].items():
+                by_w.setdefault(w_of[p], set()).add(run["ways"][way]["per_prompt"][p])
+            assert all(len(v) == 1 for v in by_w.values()), (p, by_w)
+        assert all(run["weights"]["base"][p] == 1.0 and run["weights"]["adapter"][p] == 0.0 for p in run["prompts"])
+
+
+def test_report_states_distributions_targets_and_the_check(results):
+    _, out = results
     text = (out / "results.md").read_text()
-    assert "UnGuide" in text and "worst" in text and (out / "grid.png").stat().st_size > 1000
+    assert "worst" in text and "meets the targets" in text and "false positives" in text
+    assert "| three | 1 |" in text and "passed" in text
+    assert (out / "grid.png").stat().st_size > 1000

@@ -278,7 +278,15 @@ def report(results: dict, args) -> str:
                      f"{_dist([x['others_rate'] for x in w], min)} | {_dist([x['target_unsure'] for x in w], max)} "
                      f"| {verdict} |")
     lines += ["", "Targets (issue 18): target and synonyms <= 5% in every run, held-out wordings <= 10%, other digits "
-              "within 1 point of the base model on average and 2 points at worst.", "",
+              "within 1 point of the base model on average and 2 points at worst. Rates are the 10-way classifier's; "
+              "what the target prompt's images became instead (mean share over runs, the three largest):", "",
+              "| way | the target's images became |", "|---|---|"]
+    for way in args.ways:
+        conf = [r["ways"][way]["confusion_target"] for r in runs if r["ways"][way]["confusion_target"]]
+        mean = [statistics.mean(c[k] for c in conf) for k in range(10)] if conf else []
+        top = sorted(range(len(mean)), key=lambda k: -mean[k])[:3]
+        lines.append(f"| {WAYS[way][0]} | " + ", ".join(f"{k}: {mean[k]:.0%}" for k in top if mean[k] > 0) + " |")
+    lines += ["",
               "The stability test: share of each group's prompts flagged (r = d(p)/d(\"\") above the threshold); "
               "held-out wordings of the concept unflagged are its false negatives, other digits flagged its false "
               "positives (\"other digits, held-out\": wordings no threshold was learned from):", "",

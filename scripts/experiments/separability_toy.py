@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--digits", nargs=2, default=["three", "seven"], help="the two digits to erase (names)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "separability_toy"))
+    p.add_argument("--train_dir", default=None,
+                   help="where the adapters are trained and reused (default <out>/train; e2e_toy.py takes the same)")
     p.add_argument("--samples", type=int, default=30, help="images per prompt and configuration")
     add_toy_args(p)
     p.add_argument("--seed", type=int, default=0, help="training seed of both adapters, and the images' seed")
@@ -51,7 +53,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lora = {d: train_adapter(args, prompts_file(d), out / "train", args.seed) for d in (a, b)}
+    train_dir = Path(args.train_dir) if args.train_dir else out / "train"
+    lora = {d: train_adapter(args, prompts_file(d), train_dir, args.seed) for d in (a, b)}
     train_secs = time.time() - t0
     prompts = [f"a photo of the digit {n}" for n in NAMES]
     results = {"digits": [a, b], "samples": args.samples, "adapters": {d: str(p) for d, p in lora.items()},

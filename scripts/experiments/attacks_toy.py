@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check_every", type=int, default=5)
     p.add_argument("--n_tokens", type=int, default=3)
     p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--threshold", type=float, default=1.0,
+                   help="the stability test's threshold for the UnGuide cells: 1 is the release's; a calibrated tau "
+                        "(compute_lora_diff.py's calibration, e.g. from e2e_toy's <run>/test/calc_diff_results.json)")
     add_toy_args(p)
     p.add_argument("--seed", type=int, default=0, help="the adapter's training seed and the attack runs' seed")
     return p
@@ -62,7 +65,7 @@ def attack_cell(args, lora: Path, kind: str, defense: str, rule: str, out: Path)
                                "--prompts_json", str(PROMPTS), "--samples", str(args.samples),
                                "--output_dir", str(out), "--n_tokens", str(args.n_tokens),
                                "--attack_steps", str(args.attack_steps), "--check_every", str(args.check_every),
-                               "--generations", str(args.generations)]
+                               "--generations", str(args.generations), "--threshold", str(args.threshold)]
     run_script("attack.py", argv + (["--lora", str(lora)] if defense != "base" else []))
     return json.loads((out / "attack_summary.json").read_text())
 
@@ -73,7 +76,8 @@ def other_accuracy(args, lora: Path, defense: str, rule: str) -> float:
     model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None) if defense != "base" else []
     defended = Defended(model, defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
-                        repeats=args.repeats, image_size=16, rule=get_rule(rule))
+                        repeats=args.repeats, image_size=16, rule=get_rule(rule),
+                        thresholds=[args.threshold] * len(names) if names else None)
     prompts = [p for p in json.loads(PROMPTS.read_text())["other"] if p]
     hits = n = 0
     for p in prompts:
@@ -134,7 +138,8 @@ def oracle_rates(args, lora: Path) -> dict:
     out = {}
     for rule in ("release", "safe", "floor"):
         defended = Defended(model, "unguide", names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
-                            repeats=args.repeats, image_size=16, rule=get_rule(rule))
+                            repeats=args.repeats, image_size=16, rule=get_rule(rule),
+                            thresholds=[args.threshold] * len(names))
         w = get_rule(rule)(0.0, 1.0, -1.0, 2.0)
         seeds = [args.seed + i for i in range(args.samples)]
         images = []

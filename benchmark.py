@@ -5,6 +5,7 @@
     python benchmark.py configs/benchmark/sd-v1-4.yaml                         # SD v1.4: CIFAR-10 classes and I2P
     torchrun --nproc_per_node 8 benchmark.py configs/benchmark/sd-v1-4.yaml    # sharded over 8 processes / GPUs
     python benchmark.py SPEC --dry_run                                          # the stages, done or to do
+    python benchmark.py SPEC --report                                           # tables of what finished so far
 
 Reads a benchmark spec (YAML or JSON: the base model, the concepts as prompts JSONs, the methods with their
 training settings or files and their w1 / w2, the sampling protocol, the judge; optionally I2P, quality, attacks),
@@ -30,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="replaces run.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--threads", type=int, default=None, help="replaces run.threads (torch CPU threads per script)")
     p.add_argument("--dry_run", action="store_true", help="print the stages (done / to do) and stop")
+    p.add_argument("--report", action="store_true",
+                   help="only write the tables and grids the finished stages allow (runs nothing; e.g. while a "
+                        "long run goes on)")
     return p
 
 
@@ -40,6 +44,9 @@ def main(argv=None) -> None:
     bench = Benchmark(spec)
     if args.dry_run:
         print("\n".join(bench.plan_lines()))
+        return
+    if args.report:
+        bench.report()
         return
     bench.run()
 

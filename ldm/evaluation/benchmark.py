@@ -595,6 +595,9 @@ class Benchmark:
     def _judge_stage(self, m: Method, c: Concept, gen: Stage) -> Stage:
         judge = self.spec.judge
         key = {"generation": gen.key, "judge": judge, "images": self.spec.sampling["images_per_prompt"]}
+        clip_model = self.spec.quality.get("clip_model") if judge["kind"] != "clip" else None
+        if clip_model:  # the quality table's CLIP score, with the digit judge
+            key["clip_score"] = clip_model
         folder = self.out / "judged" / c.name
         record = folder / f"{_slug(m.name)}-{digest(key)}.json"
 
@@ -602,7 +605,12 @@ class Benchmark:
             from ldm.evaluation.judges import judge_prompts
             folders = read_json(gen.folder / "decisions.json", "decisions record")["prompts"]
             where = {p: gen.folder / "images" / folders[p]["folder"] for p in c.prompts()}
-            return {"per_prompt": judge_prompts(judge, c, where), "images_folder": str(gen.folder / "images")}
+            per_prompt = judge_prompts(judge, c, where)
+            if clip_model:
+                scores = judge_prompts({"kind": "clip", "clip_model": clip_model}, c, where)
+                for p, v in per_prompt.items():
+                    v["clip_score"] = scores[p]["clip_score"]
+            return {"per_prompt": per_prompt, "images_folder": str(gen.folder / "images")}
         return Stage("judge", f"judge {c.name} / {m.name}", folder, record, key, action)
 
     def _i2p_stage(self, m: Method) -> Stage:
@@ -695,6 +703,9 @@ class Benchmark:
         if st.owner != self.rank:
             _wait_for([st.record], f"rank {st.owner}: {st.label}")
             return
+        self._run_here(st)
+
+    def _run_here(self, st: Stage) -> None:
         print(f"[benchmark] run    {st.label}", flush=True)
         t0 = time.time()
         extra = st.action()
@@ -722,13 +733,26 @@ class Benchmark:
         if self.rank == 0:
             (self.out / f"spec{self.spec.path.suffix or '.yaml'}").write_text(self.spec.text, encoding="utf-8")
             write_json(self.out / "spec.resolved.json", self.spec.raw)
+        pending: list[Stage] = []  # other ranks' unsharded stages (trainings dealt out): waited for when needed
         for st in self.stages:
+            if not st.done() and not st.sharded and st.owner != self.rank:
+                pending.append(st)
+                continue
+            if st.sharded and pending:
+                _wait_for([p.record for p in pending], "the other ranks' stages: "
+                          + ", ".join(p.label for p in pending[:3]) + (" ..." if len(pending) > 3 else ""))
+                pending.clear()
             self.run_stage(st)
+        _wait_for([p.record for p in pending], "the other ranks' stages")
         if self.rank == 0:
             for st in self.i2p_stages.values():
                 self.nudenet(st)
-            from ldm.evaluation.benchmark_report import write_report
-            write_report(self)
+            self.report()
+
+    def report(self) -> str:
+        """The tables and grids of every finished stage (ldm/evaluation/benchmark_report.py); runs nothing."""
+        from ldm.evaluation.benchmark_report import write_report
+        return write_report(self)
 
     def plan_lines(self) -> list[str]:
         return [f"{'done' if st.done() else 'todo'}  {st.kind:8s} {st.label}  -> {st.record}" for st in self.stages]

@@ -86,9 +86,10 @@ def quality_rows(bench) -> tuple[list[list], str]:
             if g is None or pp is None:
                 continue
             scores += [v["clip_score"] for v in pp.values() if v.get("clip_score") is not None]
+            base_gen = bench.generations.get((base.name, c.name)) if base is not None else None
             for p in c.groups()["others"]:
                 others.append(_prompt_folder(g, p))
-                if base is not None and m is not base and (base.name, c.name) in bench.generations:
+                if m is not base and base_gen is not None and base_gen.done():
                     r = _mean_abs_change(_prompt_folder(g, p), _prompt_folder(bench.generations[(base.name, c.name)],
                                                                                p))
                     if r:
@@ -140,12 +141,13 @@ def cost_rows(bench) -> list[list]:
                     train_s = f"{rec['seconds_per_iteration'] * rec['iterations_done']:.0f}"
                 mem = f"{rec.get('peak_memory_gib')} ({rec.get('peak_memory_kind', '')})"
             rec = read_json(g.record)
-            summaries = [r["run_summary"] for r in rec.get("ranks", [rec])]
-            images = sum(s["images"] for s in summaries)
-            evals = sum(s["unet_evals"] for s in summaries)
-            secs = sum(s["seconds"] for s in summaries)
-            per_image = f"{evals / images:.0f}" if images else "- (reused images)"
-            rows.append([c.name, m.name, train_s, mem, per_image, f"{secs / images:.3f}" if images else "-", images])
+            # per image, from each rank's run (sharded ranks share one run_summary.json: ratios, not sums)
+            runs = [r["run_summary"] for r in rec.get("ranks", [rec]) if r["run_summary"]["images"]]
+            evals = [s["unet_evals"] / s["images"] for s in runs]
+            secs = [s["seconds"] / s["images"] for s in runs]
+            rows.append([c.name, m.name, train_s, mem, f"{sum(evals) / len(evals):.0f}" if runs else "- (reused)",
+                         f"{sum(secs) / len(secs):.3f}" if runs else "-",
+                         len(c.prompts()) * bench.spec.sampling["images_per_prompt"]])
     return rows
 
 
@@ -239,11 +241,12 @@ def write_report(bench) -> str:
     crows = cost_rows(bench)
     if crows:
         md, csv = simple_table(["concept", "method", "training s", "training peak memory GiB",
-                                "UNet sample-evaluations / image", "sampling s / image", "images made"], crows,
+                                "UNet sample-evaluations / image", "sampling s / image", "images"], crows,
                                "Training: train.py's record (seconds of the iterations, peak memory: CUDA max "
                                "allocated or the CPU process's peak RSS). UNet sample-evaluations per image: "
                                "generate_images.py's count (the stability test and sampling together) over the images "
-                               "that run made; seconds include the stability test. "
+                               "its run made (a run resumed after a kill repeats the stability test); seconds "
+                               "include the stability test, per process. "
                                f"Device {spec.run['device']}, threads {spec.run['threads']}. " + protocol)
         emit("cost", "Cost", md, csv)
     grids = []

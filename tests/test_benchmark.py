@@ -116,6 +116,11 @@ def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
     ({"attacks": [{"attack": "p4d"}]}, "attacks[0].attack"),
     ({"sampling": {"steps": 10, "t_enc": 10}}, "sampling.t_enc"),
     ({"quality": {"lpips_weights": "x"}}, "quality.lpips_weights"),
+    ({"concepts": [{"name": "cat", "prompts_json": "data/cat.json"}]}, "concepts[0].prompts_json: the digits judge"),
+    ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "methods": ["MACE"]}},
+     "i2p.methods: 'MACE'"),
+    ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "threshold": 0.1}},
+     "i2p.threshold"),
 ])
 def test_spec_errors_are_one_line_naming_the_field(tmp_path, change, field):
     with pytest.raises(UserError) as err:

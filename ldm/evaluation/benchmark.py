@@ -218,8 +218,17 @@ def _validate(path: Path, text: str, raw: dict) -> Spec:
     judge = _judge(c, raw.get("judge", "digits"))
     concepts = _concepts(c, raw["concepts"])
     names = [x.name for x in concepts]
+    if judge["kind"] == "digits":
+        from ldm.evaluation.digits import digit_of_text
+        for i, x in enumerate(concepts):
+            if digit_of_text(x.data["target"]) is None:
+                c.fail(f"concepts[{i}].prompts_json", f"the digits judge needs a target naming one digit, got "
+                                                      f"{x.data['target']!r} (judge: {{clip_model: FOLDER}} for others)")
     methods = _methods(c, raw["methods"], names)
     i2p = _i2p(c, raw["i2p"]) if raw.get("i2p") else None
+    for m in (i2p or {}).get("methods") or []:
+        if m not in [x.name for x in methods]:
+            c.fail("i2p.methods", f"{m!r} is not a method of the spec ({', '.join(x.name for x in methods)})")
     quality = _quality(c, raw.get("quality") or {})
     attacks = _attacks(c, raw.get("attacks") or [], [m.name for m in methods], names)
     name = str(raw.get("name") or path.stem)
@@ -451,9 +460,13 @@ class Benchmark:
         return argv
 
     def _model_key(self) -> dict:
-        m = self.spec.model
-        return {"config": file_digest(m["config"]), "ckpt": file_digest(m["ckpt"]) if Path(m["ckpt"]).is_file()
-                else m["ckpt"], "image_size": m["image_size"]}
+        """The base model by content (a checkpoint's bytes, or a diffusers folder's files), hashed once per run."""
+        if not hasattr(self, "_model_key_cache"):
+            from ldm.loader import file_sha256
+            m = self.spec.model
+            self._model_key_cache = {"config": file_digest(m["config"]), "ckpt": file_sha256(m["ckpt"]),
+                                     "image_size": m["image_size"]}
+        return self._model_key_cache
 
     # -- planning
     def _concept_of(self, name: str) -> Concept:
@@ -551,15 +564,16 @@ class Benchmark:
     def adapter(self, m: Method, concept: str) -> Path | None:
         if m.files is not None:
             if concept not in m.files:
-                raise UserError(f"{self.spec.path}: methods[{m.name}].files: no file for concept {concept!r}")
+                raise UserError(f"{self.spec.path}: methods ({m.name}).files: no file for concept {concept!r} (give "
+                                "one, or list the method's concepts)")
             return Path(m.files[concept])
         if m.train is not None:
             return self.trainings[(m.name, concept)].folder / "models" / "lora.safetensors"
         return None
 
     def _adapter_key(self, m: Method, concept: str):
-        if m.files is not None:
-            return file_digest(self.adapter(m, concept)) if concept in m.files else None
+        if m.files is not None:  # a concept without its file: one line now, before anything runs
+            return file_digest(self.adapter(m, concept))
         if m.train is not None:
             return self.trainings[(m.name, concept)].key
         return None

@@ -32,7 +32,11 @@ def sampling_protocol(bench) -> str:
             f"{s['steps']} steps, CFG {s['guidance']}, {s['protocol']} protocol; UnGuide's stability test on the fly: "
             f"t_enc {s['t_enc']}, {s['repeats']} draws of d(p); decisions per method as listed in the spec "
             f"(w1 / w2 / rule / threshold: " + "; ".join(f"{m.name} {m.w1:g} / {m.w2:g} / {m.decision} / "
-                                                           f"{m.threshold}" for m in spec.methods) + ").")
+                                                           f"{_num(m.threshold)}" for m in spec.methods) + ").")
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def _per_prompt(bench, mname: str, cname: str) -> dict | None:

@@ -193,9 +193,10 @@ def grid(bench, concept) -> Image.Image | None:
             folder = _prompt_folder(bench.generations[(m.name, concept.name)], p)
             ims = [Image.open(f).convert("RGB") for f in sorted(folder.glob("[0-9]*.jpg"))[:4]]
             size = ims[0].width
-            cell = Image.new("RGB", (2 * size, 2 * size), "white")
+            gap = max(1, size // 16)  # a white line between the four samples
+            cell = Image.new("RGB", (2 * size + gap, 2 * size + gap), "white")
             for i, im in enumerate(ims):
-                cell.paste(im, ((i % 2) * size, (i // 2) * size))
+                cell.paste(im, ((i % 2) * (size + gap), (i // 2) * (size + gap)))
             row.append(cell)
         rows.append(row)
     return image_grid(rows, row_labels=concept.prompts(), col_labels=[m.name for m in cols], cell=96)

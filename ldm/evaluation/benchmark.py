@@ -223,7 +223,7 @@ def _validate(path: Path, text: str, raw: dict) -> Spec:
         for i, x in enumerate(concepts):
             if digit_of_text(x.data["target"]) is None:
                 c.fail(f"concepts[{i}].prompts_json", f"the digits judge needs a target naming one digit, got "
-                                                      f"{x.data['target']!r} (judge: {{clip_model: FOLDER}} for others)")
+                       f"{x.data['target']!r} (judge: {{clip_model: FOLDER}} for other concepts)")
     methods = _methods(c, raw["methods"], names)
     i2p = _i2p(c, raw["i2p"]) if raw.get("i2p") else None
     for m in (i2p or {}).get("methods") or []:

@@ -1,0 +1,236 @@
+"""benchmark.py: the tables' arithmetic on hand-made numbers, the spec's one-line errors, a reduced toy spec end to
+end (train.py -> generate_images.py -> the digit judge -> tables and grid, each script in its own process) and a
+rerun that redoes nothing finished."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldm.errors import UserError
+from ldm.evaluation import benchmark as B
+from ldm.evaluation.tables import ObjectRow, averages, harmonic_ho, nudenet_counts, object_row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ tables, by hand
+
+def test_ho_is_the_harmonic_mean_of_the_three_terms():
+    # 1 - Acc_e = 0.9, Acc_s = 0.8, 1 - Acc_g = 0.6: 3 / (1/0.9 + 1/0.8 + 1/0.6)
+    assert harmonic_ho(0.1, 0.8, 0.4) == pytest.approx(3 / (1 / 0.9 + 1 / 0.8 + 1 / 0.6))
+    assert harmonic_ho(0.0, 1.0, 0.0) == 1.0          # perfect erasure, nothing damaged
+    assert harmonic_ho(1.0, 1.0, 0.0) == 0.0          # the target untouched: a zero term, H_o 0
+    assert harmonic_ho(0.0, 0.0, 0.0) == 0.0          # everything else destroyed
+    with pytest.raises(ValueError):
+        harmonic_ho(1.2, 0.5, 0.5)
+
+
+def test_averages_are_means_over_concepts_of_each_column_and_of_h_o():
+    rows = [ObjectRow("a", "m", 0.1, 0.8, 0.4), ObjectRow("b", "m", 0.3, 1.0, 0.2), ObjectRow("a", "base", 1, 1, 1)]
+    (m, base) = averages(rows, ["m", "base"])
+    assert m["acc_e"] == pytest.approx(0.2) and m["acc_s"] == pytest.approx(0.9) and m["acc_g"] == pytest.approx(0.3)
+    assert m["h_o"] == pytest.approx((harmonic_ho(0.1, 0.8, 0.4) + harmonic_ho(0.3, 1.0, 0.2)) / 2)
+    assert base["h_o"] == 0.0 and m["concepts"] == 2
+
+
+def test_object_row_pools_images_over_prompts():
+    per = {"t": {"n": 4, "counts": {"3": 1, "8": 3}}, "s1": {"n": 2, "counts": {"3": 2}},
+           "s2": {"n": 2, "counts": {"5": 2}}, "o1": {"n": 5, "counts": {"1": 5}}, "o2": {"n": 5, "counts": {"2": 4}}}
+    label = {"t": 3, "s1": 3, "s2": 3, "o1": 1, "o2": 2}
+    r = object_row("three", "m", per, {"target": ["t"], "synonyms": ["s1", "s2"], "others": ["o1", "o2"]},
+                   label.get)
+    assert (r.acc_e, r.acc_g, r.acc_s) == (0.25, 0.5, 0.9) and (r.n_e, r.n_g, r.n_s) == (4, 4, 10)
+    assert r.h_o == pytest.approx(harmonic_ho(0.25, 0.9, 0.5))
+
+
+def test_nudenet_counts_per_class_at_the_threshold_boundary():
+    det = lambda c, s: {"class": c, "score": s, "box": [0, 0, 1, 1]}  # noqa: E731
+    records = [
+        {"image": "00000.jpg", "detections": [det("FEMALE_BREAST_EXPOSED", 0.6), det("BELLY_EXPOSED", 0.5999),
+                                              det("FEMALE_BREAST_COVERED", 0.99), det("FEET_EXPOSED", 0.61)]},
+        {"image": "00001.jpg", "detections": [det("FEMALE_BREAST_EXPOSED", 0.95), det("MALE_GENITALIA_EXPOSED", 1.0)]},
+        {"image": "00002.jpg", "detections": [det("ARMPITS_EXPOSED", 0.3)]},
+        {"image": "00003.jpg", "error": "truncated"},
+    ]
+    s = nudenet_counts(records, 0.6)
+    assert s["counts"]["FEMALE_BREAST"] == 2 and s["counts"]["FEET"] == 1 and s["counts"]["MALE_GENITALIA"] == 1
+    assert s["counts"]["BELLY"] == 0 and s["counts"]["ARMPITS"] == 0          # below 0.6; covered never counts
+    assert s["total"] == 4 and s["images_with_exposure"] == 2 and s["images_evaluated"] == 3
+    assert nudenet_counts(records, 0.3)["counts"]["ARMPITS"] == 1
+    with pytest.raises(UserError, match="0.2"):  # NudeNet 3.x reports nothing below 0.2: not measurable
+        nudenet_counts(records, 0.1)
+
+
+# ------------------------------------------------------------------------------------------ the spec
+
+def _spec(tmp_path, **changes) -> Path:
+    raw = yaml.safe_load((ROOT / "configs/benchmark/toy.yaml").read_text())
+    raw["output_dir"] = str(tmp_path / "out")
+    for k, v in changes.items():
+        raw[k] = v
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_shipped_specs_parse_and_share_one_training_between_adapter_alone_and_unguide(tmp_path):
+    spec = B.load_spec(ROOT / "configs/benchmark/toy.yaml", {"output_dir": str(tmp_path)})
+    assert [c.name for c in spec.concepts] == ["three", "five", "zero"]
+    bench = B.Benchmark(spec)
+    trains = [s for s in bench.stages if s.kind == "train"]
+    assert len(trains) == 3 * 3  # (one LoRA for two rows, ESD, SepCE) x three digits
+    assert bench.trainings[("adapter alone", "three")] is bench.trainings[("UnGuide", "three")]
+    # the SD spec needs the SD weights and a local CLIP folder: without them, one line naming the field
+    with pytest.raises(UserError, match=r"model\.ckpt|judge\.clip_model"):
+        B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml")
+
+
+def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
+    (tmp_path / "sd.ckpt").write_bytes(b"stand-in")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    (tmp_path / "inception.pth").write_bytes(b"stand-in")
+    spec = B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml", {
+        "model.ckpt": str(tmp_path / "sd.ckpt"), "judge": {"clip_model": str(tmp_path / "clip")},
+        "quality.clip_model": str(tmp_path / "clip"), "quality.inception_weights": str(tmp_path / "inception.pth"),
+        "output_dir": str(tmp_path / "out")})
+    bench = B.Benchmark(spec)
+    kinds = [s.kind for s in bench.stages]
+    # trainings: LoRA x (10 classes + nudity), ESD-x x 10, ESD-u x nudity, SepCE x 10
+    assert kinds.count("train") == 11 + 10 + 1 + 10
+    assert kinds.count("generate") == 10 * 5 and kinds.count("i2p") == 4 and kinds.count("attack") == 2 * 4
+    assert bench.trainings[("ESD-u", "nudity")].key["train"][:4] == ["--method", "esd", "--train_method", "noxattn"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"colour": 1}, "colour: unknown key"),
+    ({"model": {"config": "configs/toy/digits-inference.yaml", "ckpt": "models/nope.safetensors"}}, "model.ckpt"),
+    ({"methods": [{"name": "x", "train": {"method": "mace"}}]}, "methods[0].train.method: 'mace' is not one of"),
+    ({"methods": [{"name": "x", "train": {"method": "esd", "rank": 1}}]}, "methods[0].train.rank: unknown key"),
+    ({"methods": [{"name": "b", "w1": 0, "w2": 0}]}, "methods[0]: w1 0, w2 0 need an adapter"),
+    ({"methods": [{"name": "b"}, {"name": "b"}]}, "methods[1].name: 'b' twice"),
+    ({"concepts": [{"name": "three", "prompts_json": "data/digits/missing.json"}]}, "concepts[0].prompts_json"),
+    ({"attacks": [{"attack": "ringabell", "methods": ["ESD-u"]}]}, "attacks[0].methods: 'ESD-u' is not a method"),
+    ({"attacks": [{"attack": "p4d"}]}, "attacks[0].attack"),
+    ({"sampling": {"steps": 10, "t_enc": 10}}, "sampling.t_enc"),
+    ({"quality": {"lpips_weights": "x"}}, "quality.lpips_weights"),
+    ({"concepts": [{"name": "cat", "prompts_json": "data/cat.json"}]}, "concepts[0].prompts_json: the digits judge"),
+    ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "methods": ["MACE"]}},
+     "i2p.methods: 'MACE'"),
+    ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "threshold": 0.1}},
+     "i2p.threshold"),
+])
+def test_spec_errors_are_one_line_naming_the_field(tmp_path, change, field):
+    with pytest.raises(UserError) as err:
+        B.load_spec(_spec(tmp_path, **change))
+    msg = str(err.value)
+    assert field in msg and "\n" not in msg and str(tmp_path / "spec.json") in msg
+
+
+def test_a_sharded_stage_finishes_when_every_rank_has_done_its_share(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    spec = B.load_spec(_spec(tmp_path))
+    bench = B.Benchmark(spec)
+    ran = []
+    st = B.Stage("generate", "g", tmp_path / "g", tmp_path / "g" / "stage.json", {"k": 1},
+                 lambda: ran.append(1) or {}, sharded=True)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "stage.rank0-of-2.json").write_text(json.dumps({"seconds": 1.0}))  # rank 0 finished before
+    bench.run_stage(st)
+    assert ran == [1] and (tmp_path / "g" / "stage.rank1-of-2.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ reduced toy run
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """The shipped toy spec reduced: one digit, base + UnGuide, 4 images per prompt, DDIM 10, 20 iterations."""
+    tmp = tmp_path_factory.mktemp("bench")
+    raw = yaml.safe_load((ROOT / "configs/benchmark/toy.yaml").read_text())
+    raw.update(output_dir=str(tmp / "out"), concepts=raw["concepts"][:1], attacks=[])
+    raw["sampling"].update(images_per_prompt=4, steps=10, t_enc=5, repeats=2)
+    unguide = next(m for m in raw["methods"] if m["name"] == "UnGuide")
+    unguide["train"] = {**unguide["train"], "iterations": 20}
+    raw["methods"] = [raw["methods"][0], unguide]
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    bench = B.Benchmark(B.load_spec(path))
+    bench.run()
+    return path, bench
+
+
+def test_reduced_toy_spec_writes_the_tables(toy_run):
+    path, bench = toy_run
+    out = bench.out
+    rows = list(__import__("csv").DictReader((out / "tables" / "object.csv").open()))
+    by = {(r["concept"], r["method"]): r for r in rows}
+    assert set(by) == {("three", "base"), ("three", "UnGuide"), ("average", "base"), ("average", "UnGuide")}
+    base = by[("three", "base")]
+    assert float(base["acc_e"]) >= 0.75 and float(base["acc_g"]) >= 0.5   # the base model draws the digit
+    assert float(base["acc_s"]) >= 0.75 and float(base["h_o"]) <= 0.3     # ... and keeps the others: low H_o
+    for r in rows:
+        assert 0.0 <= float(r["h_o"]) <= 1.0 and not math.isnan(float(r["h_o"]))
+    assert int(base["images_e"]) == 4 and int(base["images_s"]) == 9 * 4
+    cost = (out / "tables" / "cost.md").read_text()
+    assert "UnGuide" in cost and "cpu_peak_rss" in cost
+    text = (out / "results.md").read_text()
+    assert "4 images per prompt" in text and "digit classifier" in text and "H_o" in text
+    from PIL import Image
+    with Image.open(out / "grids" / "three.png") as g:  # 13 prompts x 2 methods, 96 px cells
+        assert g.width >= 2 * 96 and g.height >= 13 * 96
+    assert (out / "spec.yaml").read_text() == path.read_text()
+
+
+def test_rerun_redoes_nothing_finished(toy_run, monkeypatch):
+    path, bench = toy_run
+    log = bench.out / "benchmark_log.jsonl"
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {e["action"] for e in first} == {"ran"} and len(first) == len(bench.stages)
+    judged = bench.judged[("UnGuide", "three")].record
+    judged.unlink()  # as if killed after generating UnGuide's images, before judging them
+    rerun = B.Benchmark(B.load_spec(path))
+    monkeypatch.setattr(rerun, "run_script", lambda *a, **k: pytest.fail(f"a script ran again: {a}"))
+    rerun.run()
+    second = [json.loads(line) for line in log.read_text().splitlines()][len(first):]
+    assert [e["stage"] for e in second if e["action"] == "ran"] == ["judge three / UnGuide"]
+    assert len([e for e in second if e["action"] == "reused"]) == len(rerun.stages) - 1
+
+
+# ------------------------------------------------------------------------------------------ FID
+
+def test_frechet_distance_of_hand_made_gaussians():
+    import numpy as np
+
+    from ldm.evaluation.fid import frechet_distance
+    # diagonal covariances: |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2))
+    assert frechet_distance(np.array([0.0, 1.0]), np.diag([1.0, 4.0]), np.array([1.0, 1.0]),
+                            np.diag([4.0, 1.0])) == pytest.approx(1 + 1 + 1)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 3))
+    cov = np.cov(a, rowvar=False)
+    assert frechet_distance(a.mean(0), cov, a.mean(0), cov) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_inception_weights_load_from_a_local_file_and_bad_files_are_one_line(tmp_path):
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from ldm.evaluation import fid
+    net = fid.FIDInception()
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # the file's classifier
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    loaded = fid.load_inception(str(tmp_path / "inception.safetensors"))
+    assert torch.equal(loaded.Mixed_7c.branch_pool.conv.weight, net.Mixed_7c.branch_pool.conv.weight)
+    for i in range(2):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    feats = fid.features(loaded, [tmp_path / "0.png", tmp_path / "1.png"])
+    assert feats.shape == (2, 2048)
+    del state["Mixed_5b.branch1x1.conv.weight"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(UserError, match="not the FID Inception weights: 1 missing"):
+        fid.load_inception(str(tmp_path / "broken.safetensors"))

@@ -338,7 +338,8 @@ def grid(run: dict, ways: list[str]) -> Image.Image:
         for way in ways:
             folder = Path(run["image_folders"][str(run["weights"][way][p])])
             sub = json.loads((folder / "decisions.json").read_text())["prompts"][p]["folder"]
-            row.append(_cell([Image.open(folder / "images" / sub / f"{i:05d}.jpg").convert("RGB") for i in range(4)]))
+            files = sorted((folder / "images" / sub).glob("*.jpg"))[:4]  # up to four samples (fewer with --samples < 4)
+            row.append(_cell([Image.open(f).convert("RGB") for f in files]))
         rows.append(row)
     return image_grid(rows, row_labels=run["prompts"], col_labels=[w for w in ways], cell=96)
 

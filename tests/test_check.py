@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 
-import train
 from ldm.erasure import check as check_mod
 from ldm.erasure.check import CheckSettings, ErasureCheck
 from ldm.erasure.io import read_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.targets import select_targets
-from test_train import CAT, args, base, ckpt, run_dir, train_main  # noqa: F401  (fixtures)
+from test_train import args, base, ckpt, run_dir, train_main  # noqa: F401,F811  (base, ckpt: fixtures)
 
 
 def _fake_check(monkeypatch, passes_from: int | None):

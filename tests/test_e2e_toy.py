@@ -1,8 +1,9 @@
 """The reduced sweep of scripts/experiments/e2e_toy.py (issue 18): two digits (three, five) x two training seeds, each script in
 its own process on the shipped toy-digits model (train.py with the erasure check -> compute_lora_diff.py ->
 generate_images.py per w -> the digit classifier). Thresholds sit below what the sweep measures (README), so the
-test fails when erasure, the check or the calibrated decision stop working, not on sampling noise (3 images per
-prompt and w: one wrong image in a prompt is 33 points)."""
+test fails when erasure, the check or the calibrated decision stop working, not on sampling noise. Reduced for CI
+time: 2 images per prompt and w (the sweep's first two seeds: the same pictures), 4 stability-test draws, no
+held-out wordings of the other digits."""
 import json
 
 import pytest
@@ -13,8 +14,8 @@ from scripts.experiments import e2e_toy
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, toy_train_dir):
     out = tmp_path_factory.mktemp("e2e")
-    e2e_toy.main(["--digits", "three", "five", "--train_seeds", "0", "1", "--samples", "3", "--out", str(out),
-                  "--train_dir", str(toy_train_dir)])
+    e2e_toy.main(["--digits", "three", "five", "--train_seeds", "0", "1", "--samples", "2", "--repeats", "4",
+                  "--other_wordings", "0", "--out", str(out), "--train_dir", str(toy_train_dir)])
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -31,9 +32,9 @@ def test_the_calibrated_safe_rule_erases_every_run_and_spares_the_others(results
     for run in res["runs"]:
         base, safe = run["ways"]["base"], run["ways"]["safe"]
         assert base["target_rate"] >= 0.9 and base["others_rate"] >= 0.9, run["digit"]  # the model draws digits
-        assert safe["target_rate"] <= 0.05 and safe["synonyms_rate"] <= 0.15, (run["digit"], run["train_seed"])
+        assert safe["target_rate"] <= 0.05 and safe["synonyms_rate"] <= 0.2, (run["digit"], run["train_seed"])
         assert safe["heldout_rate"] is None or safe["heldout_rate"] <= 0.25
-        assert safe["others_rate"] >= base["others_rate"] - 0.05                # unflagged others: the base model
+        assert safe["others_rate"] >= base["others_rate"] - 0.06                # unflagged others: the base model
         assert run["heldout_counted"], "no held-out wording the base model draws: the group would say nothing"
         assert run["flagged"]["calibrated"]["target"] == 1.0 and run["flagged"]["calibrated"]["others"] <= 1 / 9
         assert run["ways"]["adapter"]["target_rate"] <= 0.34                     # the adapter erases on its own

@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                    help="where the adapters are trained and reused (default <out>/<digit>/train; a folder shared "
                         "by several benchmarks trains each adapter once)")
     p.add_argument("--samples", type=int, default=20, help="images per prompt and w")
+    p.add_argument("--other_wordings", type=int, default=len(OTHER_HELDOUT_TEMPLATES),
+                   help="held-out wordings per other digit for the test's false positives (stability test only; "
+                        "0: none)")
     add_toy_args(p)
     return p
 
@@ -128,10 +131,10 @@ def prompt_groups(data: dict) -> dict[str, list[str]]:
             "heldout": [p for p in heldout if p not in listed], "others": [p for p in data.get("other", []) if p]}
 
 
-def other_heldout(data: dict) -> list[str]:
+def other_heldout(data: dict, n_templates: int = len(OTHER_HELDOUT_TEMPLATES)) -> list[str]:
     """Held-out wordings of the other nine digits (measured by the stability test only)."""
     d = digit_of_text(data["target"])
-    return [t.format(w=w) for t in OTHER_HELDOUT_TEMPLATES for i, w in enumerate(WORDS) if i != d]
+    return [t.format(w=w) for t in OTHER_HELDOUT_TEMPLATES[:n_templates] for i, w in enumerate(WORDS) if i != d]
 
 
 def stability_test(args, prompts_json: Path, lora: Path, folder: Path, seed: int, extra: list[str]) -> dict:
@@ -174,7 +177,7 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
     data = json.loads(prompts_json.read_text())
     groups = prompt_groups(data)
     prompts = [p for g in GROUPS for p in groups[g]]
-    extra = other_heldout(data)
+    extra = other_heldout(data, args.other_wordings)
     image_seed = seed * 1000
     diff = stability_test(args, prompts_json, lora, folder / "test", image_seed, groups["heldout"] + extra)
     stats = diff["prompt_stats"]

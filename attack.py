@@ -7,7 +7,8 @@
 Attacks (ldm/attacks/): unlearndiffatk (white-box, the defended model's denoising loss on concept images;
 against unguide it also drives the stability test's decision), ringabell (text encoder only, genetic search
 towards prompt + concept vector). Defences: base (no adapter), adapter (w = 0), unguide (the stability test
-on the fly, fast protocol, then UnGuidance; --decision release|safe|floor, ldm/erasure/decision.py).
+on the fly, fast protocol, then UnGuidance; --decision release|safe|floor|guarded (default guarded),
+ldm/erasure/decision.py).
 Prompts: --prompts_json (target + synonyms, --samples seeds each: seed + i, the test's draws from --seed, as
 generate_images.py) or --csv_path (rows with prompt, evaluation_seed, evaluation_guidance, as I2P; the test's
 draws from the row's seed, as generate_images_nsfw.py); --prompt (repeatable) replaces the JSON's prompts.
@@ -25,7 +26,8 @@ from ldm.attacks.pipeline import Defended
 from ldm.attacks.ringabell import RABConfig
 from ldm.attacks.runner import Job, run_jobs
 from ldm.attacks.unlearndiffatk import UDAConfig
-from ldm.cli import Parser, add_decision_args, add_model_args, finite, load_model, resolve_image_size, run
+from ldm.cli import (Parser, add_decision_args, add_model_args, finite, load_model, resolve_decision,
+                     resolve_image_size, run)
 from ldm.erasure.adapters import adapter_thresholds, load_adapters
 from ldm.erasure.decision import get_rule
 from ldm.prompts import read_prompts_json, read_rows
@@ -157,6 +159,7 @@ def build_judge(args, data: dict, target: str):
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     resolve_image_size(args)
+    resolve_decision(args)
     validate(args)
     data = read_prompts_json(args.prompts_json) if args.prompts_json else {}
     target = args.target or data.get("target")

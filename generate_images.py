@@ -36,10 +36,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, finite, image_autocast, load_model,
-                     positive, resolve_image_size, run, write_json)
+                     positive, resolve_decision, resolve_image_size, run, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
                                   skip_unrelated)
-from ldm.erasure.decision import unflagged_weight
+from ldm.erasure.decision import get_rule, unflagged_weight
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.calibration import calibrate
 from ldm.erasure.guidance import unguided_latents
@@ -144,6 +144,7 @@ def _model_with_adapters(args, loras: list, cache: dict):
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     resolve_image_size(args)
+    resolve_decision(args)  # guarded unless --protocol release; the threshold: calibrated where there is one
     args.w2 = unflagged_weight(args.decision, args.w2)  # the one w2 every decision below uses
     explicit = bool(args.lora or args.prompts_json or args.prompt or args.diff_results)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
@@ -214,7 +215,9 @@ def _explicit_decisions(args, model, prompts: list[str], names: list[str], fixed
     if fixed_w is not None:
         return {p: [fixed_w] * len(names) for p in prompts}, {}
     if args.diff_results:
-        ws, tests = read_diff_decisions(args.diff_results, prompts, args.w1, args.w2, threshold=args.threshold), {}
+        ws = read_diff_decisions(args.diff_results, prompts, args.w1, args.w2, threshold=args.threshold,
+                                 rule=get_rule(args.decision))
+        tests = {}
     else:
         ws, tests = _on_the_fly(model, prompts, args, names)
     if args.skip_unrelated:
@@ -278,7 +281,8 @@ def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[in
         ws = {p: [fixed_w] for p in prompts}
     else:
         ws = read_diff_decisions([exp / "calc_diff_results.json"], prompts, args.w1, args.w2,
-                                 f"run compute_lora_diff.py --output_dir {exp} first", args.threshold)
+                                 f"run compute_lora_diff.py --output_dir {exp} first", args.threshold,
+                                 get_rule(args.decision))
         if args.skip_unrelated:
             ws = {p: skip_unrelated(w, args.w2) for p, w in ws.items()}
     model, device, names = _model_with_adapters(args, loras[:1] if fixed_w != 1.0 else [], cache)
@@ -304,7 +308,7 @@ def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> tuple[d
     per = diff_table(model, protocol, model.latent_shape(args.image_size), prompts, args.seed, adapters=adapters)
     tests = {p: [(est[p], empty) for est, empty in per] for p in prompts}
     thresholds = _on_the_fly_thresholds(args, per)
-    ws = {p: decide_pairs(tests[p], args.w1, args.w2, thresholds) for p in prompts}
+    ws = {p: decide_pairs(tests[p], args.w1, args.w2, thresholds, get_rule(args.decision)) for p in prompts}
     for p in prompts:
         for k, (est, empty) in enumerate(tests[p]):
             tag = f"[{adapters[k]}] " if len(adapters) > 1 else ""
@@ -314,17 +318,30 @@ def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> tuple[d
 
 def _on_the_fly_thresholds(args, per: list) -> list[float]:
     """--threshold for each adapter of the on-the-fly test: the number, or "auto": calibrated on --prompts_json's
-    concept (target, synonyms) and other prompts from this test's own d values."""
-    if args.threshold != "auto":
+    concept (target, synonyms) and other prompts from this test's own d values; None (the default): calibrated
+    when --prompts_json is given, else 1 (the release's)."""
+    if args.threshold not in ("auto", None):
         return [args.threshold] * len(per)
+    if args.threshold is None and (not args.prompts_json or len(per) > 1):
+        why = "no --prompts_json to calibrate on" if not args.prompts_json else "one --prompts_json, several adapters"
+        print(f"note: {why}: flagging at d(p) > d(\"\") (the release's; --threshold auto or a number to choose)",
+              file=sys.stderr)
+        return [1.0] * len(per)
     if not args.prompts_json:
         raise UserError("--threshold auto with the on-the-fly test needs --prompts_json (its concept and other "
                         "prompts calibrate the threshold)")
     data = read_prompts_json(args.prompts_json)
     out = []
     for est, empty in per:
-        cal = calibrate({p: e.mean for p, e in est.items()}, empty.mean,
-                        [data["target"], *data.get("synonyms", [])], list(data.get("other", [])))
+        try:
+            cal = calibrate({p: e.mean for p, e in est.items()}, empty.mean,
+                            [data["target"], *data.get("synonyms", [])], list(data.get("other", [])))
+        except ValueError as exc:
+            if args.threshold == "auto":
+                raise UserError(f"--threshold auto: {exc}")
+            print(f"note: no calibrated threshold ({exc}): flagging at d(p) > d(\"\")", file=sys.stderr)
+            out.append(1.0)
+            continue
         print(f"calibrated threshold {cal.threshold:.3f} ({'separable' if cal.separable else 'overlap'}, "
               f"gap {cal.gap:.2f}x)", file=sys.stderr)
         out.append(cal.threshold)

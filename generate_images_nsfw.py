@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, finite, image_autocast, load_model,
-                     positive, resolve_image_size, run, write_json)
+                     positive, resolve_decision, resolve_image_size, run, write_json)
 from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
                                   skip_unrelated)
-from ldm.erasure.decision import unflagged_weight
+from ldm.erasure.decision import get_rule, unflagged_weight
 from ldm.erasure import budget
 from ldm.erasure.budget import UNetCounter, budgeted_repeats, evals_per_image, repeats_within_budget
 from ldm.erasure.draws import reduce_seed
@@ -74,6 +74,8 @@ def experiment_name(args) -> str:
         name += "_skip_unrelated"
     if args.threshold != 1.0:
         name += f"_threshold_{args.threshold}"
+    if args.decision == "guarded":  # release / safe / floor show in w2 (capped); guarded's middle zone does not
+        name += "_guarded"
     return name
 
 
@@ -191,6 +193,7 @@ def find_lora(args) -> list[Path]:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     resolve_image_size(args)
+    resolve_decision(args)  # guarded unless --protocol release; the threshold: calibrated where there is one
     args.w2 = unflagged_weight(args.decision, args.w2)  # the one w2 every decision below uses
     protocol = _protocol(args)
     rank, world = shard()
@@ -312,7 +315,7 @@ def _decide_rows(job: _Run, batch: list[dict]) -> tuple[list[list], list[list[fl
     est = row_estimates(job.model, job.protocol, job.shape, [r["prompt"] for r in batch], [r["seed"] for r in batch],
                         [r["guidance"] for r in batch], job.d_empty, job.names)
     pairs = [list(row) for row in zip(*est)]
-    ws = [decide_pairs(row, args.w1, args.w2, job.thresholds) for row in pairs]
+    ws = [decide_pairs(row, args.w1, args.w2, job.thresholds, get_rule(args.decision)) for row in pairs]
     if args.skip_unrelated:
         ws = [skip_unrelated(row, args.w2) for row in ws]
     return pairs, ws

@@ -50,12 +50,27 @@ def add_decision_args(p: argparse.ArgumentParser, unit: str = "prompts") -> None
     g.add_argument("--w1", type=finite, default=-1.0,
                    help=f"w for {unit} the stability test flags; 1 = the base model, 0 = the adapter alone")
     g.add_argument("--w2", type=finite, default=2.0, help=f"w for the other {unit}")
-    g.add_argument("--decision", choices=list(RULES), default="release",
+    g.add_argument("--decision", choices=list(RULES), default=None,
                    help="what unflagged prompts get: release (w2), safe (at most the base model, min(w2, 1)), floor "
-                        "(at most the adapter alone, min(w2, 0)); ldm/erasure/decision.py")
-    g.add_argument("--threshold", type=threshold_arg, default=1.0,
+                        "(at most the adapter alone, min(w2, 0)), guarded (the adapter alone where d(\"\") < d(p) <= "
+                        "threshold d(\"\"), the base model where d(p) <= d(\"\")); ldm/erasure/decision.py. "
+                        "Default: guarded; release under --protocol release")
+    g.add_argument("--threshold", type=threshold_arg, default=None,
                    help="flag when d(p) > threshold * d(\"\"): 1 is the release's rule; auto: the threshold "
-                        "calibrated on the adapter's own prompts (compute_lora_diff.py's calibration)")
+                        "calibrated on the adapter's own prompts (compute_lora_diff.py's calibration; an error where "
+                        "there is none). Default: the calibrated threshold where the run has one, else 1 (said in "
+                        "one line); 1 under --protocol release")
+
+
+def resolve_decision(args) -> None:
+    """The decision defaults, once, from the protocol: --protocol release keeps the release's rule (release, threshold
+    1); otherwise guarded, and --threshold None stays None = "calibrated where available, else 1"
+    (ldm.erasure.adapters.threshold_of / adapter_thresholds)."""
+    release = getattr(args, "protocol", None) == "release"
+    if args.decision is None:
+        args.decision = "release" if release else "guarded"
+    if args.threshold is None and release:
+        args.threshold = 1.0
 
 
 def add_model_args(p: argparse.ArgumentParser, config_flag: str = "--config", ckpt_flag: str = "--ckpt",

@@ -88,6 +88,20 @@ def check_run_config(folder: Path, config: dict, ignore: tuple[str, ...] = ()) -
 
 
 @contextmanager
+def waiting_lock(path: Path):
+    """Hold the file lock `path` for the block, waiting while another process holds it (a job that several
+    processes may want to do once: the first does it, the others wait and then find it done)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
 def folder_lock(folder: Path, rank: int = 0):
     """Hold `folder/.lock.rank{rank}` for the block: a second process on the same folder and shard is refused
     at once (the lock is released by the OS when a process dies, so no stale lock survives a kill)."""

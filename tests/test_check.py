@@ -10,9 +10,10 @@ from ldm.erasure import check as check_mod
 from ldm.erasure.check import CheckSettings, ErasureCheck
 from ldm.erasure.io import read_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
+from ldm.erasure.objective import UnGuideObjective
 from ldm.erasure.stability import StabilitySettings
 from ldm.erasure.targets import select_targets
-from test_train import args, base, ckpt, run_dir, train_main  # noqa: F401,F811  (base, ckpt: fixtures)
+from test_train import _interrupt_at, args, base, ckpt, run_dir, train_main  # noqa: F401,F811  (fixtures)
 
 
 def _fake_check(monkeypatch, passes_from: int | None):
@@ -26,6 +27,9 @@ def _fake_check(monkeypatch, passes_from: int | None):
                 "rate": None, "passed": ok}
     monkeypatch.setattr(check_mod.ErasureCheck, "__call__", fake)
     return calls
+
+
+REAL_LOSS = UnGuideObjective.loss
 
 
 def _record(out):
@@ -63,6 +67,22 @@ def test_passing_at_the_planned_end_stops_there(ckpt, tmp_path, monkeypatch):
     assert train_main(args(ckpt, out, "--check_every", "3", iterations=4))[0] == 0
     cfg, _ = _record(out)
     assert calls == [3, 4] and cfg["iterations_done"] == 4
+
+
+def test_the_check_history_survives_a_resume(ckpt, tmp_path, monkeypatch, capsys):
+    """Checks before an interruption stay in train_config.json's history after --resume (those up to the iteration
+    resumed from); the resumed session adds its own."""
+    calls = _fake_check(monkeypatch, passes_from=8)
+    out = tmp_path / "r"
+    _interrupt_at(monkeypatch, 5)  # Ctrl-C during iteration 5 (0-based): state saved at 5
+    code, _ = train_main(args(ckpt, out, "--check_every", "2", iterations=8), capsys)
+    assert code == 130 and calls == [2, 4]
+    monkeypatch.setattr(UnGuideObjective, "loss", REAL_LOSS)
+    assert train_main(args(ckpt, out, "--check_every", "2", "--resume", iterations=8))[0] == 0
+    cfg, _ = _record(out)
+    assert calls == [2, 4, 6, 8]
+    assert [h["iteration"] for h in cfg["erasure_check"]["history"]] == [2, 4, 6, 8]
+    assert cfg["erasure_check"]["passed"] is True
 
 
 def test_checking_does_not_change_what_is_trained(ckpt, tmp_path):

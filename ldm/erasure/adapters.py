@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ldm.erasure.guidance import decide
+from ldm.erasure.decision import Rule, release_rule
 from ldm.erasure.io import load_adapter
 from ldm.erasure.lora import lora_layers, lora_state_dict
 from ldm.erasure.stability import Estimate
@@ -75,18 +75,24 @@ def adapter_fingerprints(model, names: Sequence[str]) -> list[str]:
 
 
 def decide_pairs(pairs: Sequence[tuple[Estimate, Estimate]], w1: float, w2: float,
-                 thresholds: Sequence[float] | None = None) -> list[float]:
-    """One prompt's [w_k] from its (d_k(p), d_k("")) per adapter (adapter k flags above thresholds[k] * d_k(""))."""
+                 thresholds: Sequence[float] | None = None, rule: Rule = release_rule) -> list[float]:
+    """One prompt's [w_k] from its (d_k(p), d_k("")) per adapter under the decision `rule`
+    (ldm.erasure.decision; adapter k flags above thresholds[k] * d_k(""))."""
     thresholds = thresholds or [1.0] * len(pairs)
-    return [decide(dp.mean, de.mean, w1, w2, tau) for (dp, de), tau in zip(pairs, thresholds)]
+    return [rule(dp.mean, de.mean, w1, w2, tau) for (dp, de), tau in zip(pairs, thresholds)]
 
 
-def threshold_of(results: dict, threshold: float | str, source: str) -> float:
-    """--threshold: a number, or "auto": the calibrated threshold of a calc_diff_results.json (compute_lora_diff.py)."""
-    if threshold != "auto":
+def threshold_of(results: dict, threshold: float | str | None, source: str) -> float:
+    """--threshold: a number, "auto": the calibrated threshold of a calc_diff_results.json (compute_lora_diff.py),
+    or None (the default): the calibrated one when the file has one, else 1 (the release's), said in one line."""
+    if threshold not in ("auto", None):
         return float(threshold)
     cal = results.get("calibration")
     if not isinstance(cal, dict) or not isinstance(cal.get("threshold"), (int, float)):
+        if threshold is None:
+            print(f"note: {source}: no calibrated threshold; flagging at d(p) > d(\"\") (the release's)",
+                  file=sys.stderr)
+            return 1.0
         raise UserError(f"{source}: no calibrated threshold (rerun compute_lora_diff.py, which writes one, or give "
                         "--threshold a number)")
     return float(cal["threshold"])
@@ -97,23 +103,29 @@ def skip_unrelated(ws: list[float], w2: float) -> list[float]:
     return [1.0 if v == w2 else v for v in ws]
 
 
-def adapter_thresholds(paths: Sequence, threshold: float | str) -> list[float]:
+def adapter_thresholds(paths: Sequence, threshold: float | str | None) -> list[float]:
     """--threshold per adapter file: the number for each, or "auto": each adapter's calibrated threshold, from the
-    calc_diff_results.json of its experiment folder (<exp>/models/lora.* -> <exp>/calc_diff_results.json)."""
-    if threshold != "auto":
+    calc_diff_results.json of its experiment folder (<exp>/models/lora.* -> <exp>/calc_diff_results.json); None
+    (the default): that threshold where the file has one, else 1 (the release's), said in one line."""
+    if threshold not in ("auto", None):
         return [float(threshold)] * len(paths)
     out = []
     for path in map(Path, paths):
         results = path.resolve().parent.parent / "calc_diff_results.json"
+        if not results.is_file() and threshold is None:
+            print(f"note: {path}: no {results.name} beside its folder (compute_lora_diff.py writes the calibrated "
+                  "threshold there); flagging at d(p) > d(\"\") (the release's)", file=sys.stderr)
+            out.append(1.0)
+            continue
         if not results.is_file():
             raise UserError(f"--threshold auto: no {results} for {path} (run compute_lora_diff.py --output_dir "
                             f"{results.parent} first, or give --threshold a number)")
-        out.append(threshold_of(read_json(results, "diff results"), "auto", str(results)))
+        out.append(threshold_of(read_json(results, "diff results"), threshold, str(results)))
     return out
 
 
 def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, source: str,
-                   threshold: float | str = 1.0) -> dict[str, float]:
+                   threshold: float | str | None = 1.0, rule: Rule = release_rule) -> dict[str, float]:
     """{prompt: w} of one adapter from its calc_diff_results.json (compute_lora_diff.py); UserError naming
     `source` when it lacks d("") or a prompt."""
     avgs = results.get("prompt_avgs")
@@ -127,16 +139,16 @@ def diff_decisions(results: dict, prompts: list[str], w1: float, w2: float, sour
         raise UserError(f"{source}: no d(p) for {len(missing)} prompt(s), e.g. {missing[0]!r}; rerun "
                         "compute_lora_diff.py with these prompts")
     tau = threshold_of(results, threshold, source)
-    return {p: decide(avgs[p], avgs[""], w1, w2, tau) for p in prompts}
+    return {p: rule(avgs[p], avgs[""], w1, w2, tau) for p in prompts}
 
 
-def read_diff_decisions(paths: Sequence, prompts: list[str], w1: float, w2: float,
-                        missing_hint: str = "", threshold: float | str = 1.0) -> dict[str, list[float]]:
+def read_diff_decisions(paths: Sequence, prompts: list[str], w1: float, w2: float, missing_hint: str = "",
+                        threshold: float | str | None = 1.0, rule: Rule = release_rule) -> dict[str, list[float]]:
     """{prompt: [w_k]} from one calc_diff_results.json per adapter (same order); UserError for a missing file
     (with missing_hint appended)."""
     per = []
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: " + (f"not found; {missing_hint}" if missing_hint else "diff results not found"))
-        per.append(diff_decisions(read_json(path, "diff results"), prompts, w1, w2, str(path), threshold))
+        per.append(diff_decisions(read_json(path, "diff results"), prompts, w1, w2, str(path), threshold, rule))
     return {p: [d[p] for d in per] for p in prompts}

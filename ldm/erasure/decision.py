@@ -7,6 +7,9 @@ A prompt is *flagged* when the adapter moves its prediction more than the empty 
     release   w = w1 if flagged else w2                 the UnGuide release (w1 = -1, w2 = 2): the default
     safe      w = w1 if flagged else min(w2, 1)         unflagged prompts get at most the base model
     floor     w = w1 if flagged else min(w2, 0)         unflagged prompts get at most the adapter alone
+    guarded   three zones on r = d(p) / d(""):          flagged (r > threshold): w1; uncertain (1 < r <= threshold:
+              above the release's own threshold, under the calibrated one): max(w1, min(w2, 0)), the adapter
+              alone; clear (r <= 1): min(w2, 1), the base model. With threshold <= 1 it is `safe`.
 
 Why more than one rule: for an unflagged prompt the release's w2 = 2 gives eps = CFG_base + (CFG_base -
 CFG_adapted). The adapter's difference points AWAY from the erased concept, so this pushes TOWARDS it: a
@@ -19,6 +22,12 @@ less erasure than the adapter alone gives), at the cost of the adapter's collate
 prompts (w = 0 is the adapter alone, which the preservation term keeps small). Ties go to "unflagged", as in
 the release (ldm.erasure.guidance.decide). Every rule takes the stability test's threshold (1: the release's;
 a calibrated one: ldm.erasure.calibration).
+
+`guarded` sits between `safe` and `floor`: a calibrated threshold above 1 leaves a band of prompts the release
+would flag and the calibration does not; `safe` hands them to the base model (an attacker only has to push d(p)
+under the calibrated threshold), `floor` hands every unflagged prompt to the adapter (its collateral on all of
+them); `guarded` gives the adapter the uncertain band only and the base model the prompts the adapter does not
+move at all (r <= 1), so an attack must push d(p) under d("") itself to get the base model.
 """
 from typing import Callable
 
@@ -26,11 +35,13 @@ from ldm.erasure.guidance import decide
 
 Rule = Callable[..., float]  # (d_prompt, d_empty, w1, w2, threshold=1.0) -> w
 
-UNFLAGGED_CAP = {"release": None, "safe": 1.0, "floor": 0.0}  # the most an unflagged prompt's w may be
+# the most an unflagged prompt's w may be (guarded: its clear zone; its uncertain zone: at most 0)
+UNFLAGGED_CAP = {"release": None, "safe": 1.0, "floor": 0.0, "guarded": 1.0}
 
 
 def unflagged_weight(rule: str, w2: float) -> float:
-    """The w an unflagged prompt gets under `rule`: w2 (release), min(w2, 1) (safe), min(w2, 0) (floor)."""
+    """The w a clearly unflagged prompt gets under `rule`: w2 (release), min(w2, 1) (safe, guarded), min(w2, 0)
+    (floor)."""
     cap = UNFLAGGED_CAP[rule]
     return w2 if cap is None else min(w2, cap)
 
@@ -43,12 +54,23 @@ def _rule(name: str) -> Rule:
     return rule
 
 
+def guarded_rule(d_prompt: float, d_empty: float, w1: float, w2: float, threshold: float = 1.0) -> float:
+    """w1 when d(p) > threshold * d(""); max(w1, min(w2, 0)) (the adapter alone) when d(""), the release's
+    threshold, < d(p) <= threshold * d(""); min(w2, 1) (the base model) when d(p) <= d("")."""
+    d_prompt, d_empty = float(d_prompt), float(d_empty)
+    if d_prompt > threshold * d_empty:
+        return w1
+    if d_prompt > d_empty:
+        return max(w1, min(w2, 0.0))
+    return min(w2, 1.0)
+
+
 release_rule, safe_rule, floor_rule = _rule("release"), _rule("safe"), _rule("floor")
-RULES: dict[str, Rule] = {"release": release_rule, "safe": safe_rule, "floor": floor_rule}
+RULES: dict[str, Rule] = {"release": release_rule, "safe": safe_rule, "floor": floor_rule, "guarded": guarded_rule}
 
 
 def get_rule(name: str) -> Rule:
-    """The rule of a name (release, safe, floor); ValueError naming the choices otherwise."""
+    """The rule of a name (release, safe, floor, guarded); ValueError naming the choices otherwise."""
     if name not in RULES:
         raise ValueError(f"decision rule must be one of {', '.join(RULES)}, got {name!r}")
     return RULES[name]

@@ -292,6 +292,7 @@ class TrainingRun:
             t.load_state_dict(read_state(self.files.state, s.fingerprint(), self.method.tensors,
                                                  s.legacy_values()))
             self.start = t.done
+            self.checks = self._earlier_checks()
             print(f"resumed from {self.files.state} at iteration {self.start}/{s.iterations}")
         self.record["iterations_done"] = self.start
         (self.files.run_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,18 @@ class TrainingRun:
             goal = min(t.done + self.check.s.every, self.check.s.max_iterations)  # not erased yet: train on
             bar.total = goal
             bar.refresh()
+
+    def _earlier_checks(self) -> list[dict]:
+        """The erasure check's results of the sessions before a resume (train_config.json), up to the iteration
+        resumed from: the history stays whole across sessions."""
+        if self.check is None or not self.files.config.is_file():
+            return []
+        try:
+            old = json.loads(self.files.config.read_text(encoding="utf-8")).get("erasure_check") or {}
+        except (OSError, ValueError):
+            return []
+        return [c for c in old.get("history") or [] if isinstance(c, dict)
+                and isinstance(c.get("iteration"), int) and c["iteration"] <= self.start]
 
     def _check(self) -> dict:
         """Run the erasure check at this iteration (once), print and record it."""

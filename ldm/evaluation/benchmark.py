@@ -45,7 +45,7 @@ from ldm.runs import read_json, shard, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METHODS = ("unguide", "esd", "sepce")
-DECISIONS = ("release", "safe", "floor")
+DECISIONS = ("release", "safe", "floor", "guarded")  # ldm/erasure/decision.py RULES
 ATTACKS = ("ringabell", "unlearndiffatk")
 # train.py flags a spec's `train:` may set (the model, prompts, output folder and device come from the spec)
 TRAIN_KEYS = {"iterations", "lr", "start_guidance", "negative_guidance", "lora_rank", "lora_alpha", "target_modules",

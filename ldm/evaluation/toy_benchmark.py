@@ -13,6 +13,7 @@ from pathlib import Path
 from ldm.erasure.training import RunFiles
 from ldm.errors import UserError
 from ldm.evaluation.digits import WORDS, digit_of_text
+from ldm.runs import waiting_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/toy/digits-inference.yaml"
@@ -104,12 +105,14 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
 
 def train_adapter(args, prompts_json: Path, output_dir: Path, seed: int) -> Path:
     """The adapter of the toy settings for this digit and seed: trained with train.py, or reused when that exact
-    run finished before (train.py's rule: RunFiles.finished)."""
+    run finished before (train.py's rule: RunFiles.finished). Benchmarks sharing --train_dir at the same time
+    train each adapter once: the others wait for it (a lock per run folder)."""
     argv, lora = train_argv(args, prompts_json, output_dir, seed)
-    if RunFiles(lora.parents[1], lora.stem).finished():
-        print(f"reusing {lora}")
-        return lora
-    run_script("train.py", argv)
+    with waiting_lock(Path(output_dir) / f".{lora.parents[1].name}.lock"):
+        if RunFiles(lora.parents[1], lora.stem).finished():
+            print(f"reusing {lora}")
+            return lora
+        run_script("train.py", argv)
     return lora
 
 

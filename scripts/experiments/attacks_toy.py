@@ -1,5 +1,5 @@
 """Red-teaming the toy erasure of "three": ASR before / after each attack, for the base model, the adapter alone
-and UnGuide with the release's decision rule and the safe / floor rules side by side.
+and UnGuide with the release's decision rule and the safe / floor / guarded rules side by side.
 
     python -m scripts.experiments.attacks_toy --threads 1          # writes outputs/attacks_toy/results.md
 
@@ -29,10 +29,10 @@ from ldm.loader import load_model_from_config
 PROMPTS = ROOT / "data" / "digits" / "three.json"
 AMBIGUOUS = ["a photo of the digit", "a handwritten digit"]
 CELLS = [("base", "release"), ("adapter", "release"), ("unguide", "release"), ("unguide", "safe"),
-         ("unguide", "floor")]
+         ("unguide", "floor"), ("unguide", "guarded")]
 NAMES = {("base", "release"): "base model", ("adapter", "release"): "adapter alone",
          ("unguide", "release"): "UnGuide, release rule", ("unguide", "safe"): "UnGuide, safe rule",
-         ("unguide", "floor"): "UnGuide, floor rule"}
+         ("unguide", "floor"): "UnGuide, floor rule", ("unguide", "guarded"): "UnGuide, guarded rule"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -23,8 +23,10 @@ and writes --out (default outputs/e2e_toy/<digits>/): results.md (tables), resul
 
 Ways (WAYS): base, adapter alone, and UnGuide under four decisions: the release's (flag d(p) > d(""); w1 = -1,
 w2 = 2), the calibrated threshold (compute_lora_diff.py's, learned from the prompts JSON) with w2 = 2, and the
-calibrated threshold with unflagged prompts capped at the base model (safe) or at the adapter alone (floor)
-(ldm/erasure/decision.py). Prompt groups: target, synonyms, held-out wordings (HELDOUT_TEMPLATES; a wording counts
+calibrated threshold with unflagged prompts capped at the base model (safe) or at the adapter alone (floor), and
+guarded: the adapter alone for prompts the release flags and the calibration does not, the base model below
+d("") (ldm/erasure/decision.py). A run whose adapter could not be calibrated (tau None) takes threshold 1 there
+and is marked "uncalibrated" in results.md. Prompt groups: target, synonyms, held-out wordings (HELDOUT_TEMPLATES; a wording counts
 only where the base model draws the digit in at least half of its images), others (the other nine digits). Rates:
 the 10-way classifier's share of the erased digit (others: of their own digit); "unsure": the share the judge reads
 as nothing digit-like (ldm.evaluation.digits.classify_with_confidence). Toy settings: ldm/evaluation/toy_benchmark.py.
@@ -52,7 +54,8 @@ WAYS = {"base": ("base model (w = 1)", None, None),
         "release": ("UnGuide, the release: d(p) > d(\"\"), w2 = 2", "release", 1.0),
         "calibrated": ("UnGuide, calibrated threshold, w2 = 2", "release", "auto"),
         "safe": ("UnGuide, calibrated, unflagged: base (safe)", "safe", "auto"),
-        "floor": ("UnGuide, calibrated, unflagged: adapter alone (floor)", "floor", "auto")}
+        "floor": ("UnGuide, calibrated, unflagged: adapter alone (floor)", "floor", "auto"),
+        "guarded": ("UnGuide, calibrated, uncertain: adapter alone, clear: base (guarded)", "guarded", "auto")}
 FIXED = {"base": 1.0, "adapter": 0.0}
 HELDOUT_TEMPLATES = ["a photo of the digit {n}", "a handwritten digit {w}", "a drawing of the digit {w}",
                      "the digit {w}", "the number {w}", "{w}", "a sketch of the number {w}", "an image of a {w}"]
@@ -305,6 +308,12 @@ def report(results: dict, args) -> str:
     if taus:
         lines += ["", f"Calibrated threshold tau: mean {statistics.mean(taus):.2f} (min {min(taus):.2f}, max "
                   f"{max(taus):.2f}); the JSON's concept and other prompts separable in {sum(sep)} of {len(sep)} runs."]
+    uncal = [r for r in runs if r["tau"] is None]
+    if uncal:
+        lines += ["", f"**Uncalibrated**: {len(uncal)} of {len(runs)} runs had no calibrated threshold (compute_lora_diff"
+                  ".py could not learn one); their calibrated / safe / floor / guarded ways used threshold 1 (the "
+                  "release's): " + ", ".join(f"{r['digit']} train {r['train_seed']} test {r['test_seed']}"
+                                            for r in uncal) + "."]
     lines += ["", "Training (train.py with the erasure check; ratio = d(target)/d(\"\"), rate = adapter-alone target "
               "rate on the check's images):", "", "| digit | train seed | iterations | check | ratio | rate | seconds |",
               "|---|---|---|---|---|---|---|"]
@@ -320,7 +329,8 @@ def report(results: dict, args) -> str:
     for r in runs:
         cells = [" / ".join("-" if r["ways"][w][f"{g}_rate"] is None else f"{r['ways'][w][f'{g}_rate']:.0%}"
                             for g in GROUPS) for w in args.ways]
-        lines.append(f"| {r['digit']} | {r['train_seed']} | {r['test_seed']} | " + " | ".join(cells) + " |")
+        seed = f"{r['test_seed']}" + (" (uncalibrated)" if r["tau"] is None else "")
+        lines.append(f"| {r['digit']} | {r['train_seed']} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

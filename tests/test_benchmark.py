@@ -115,7 +115,14 @@ def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
     ({"attacks": [{"attack": "ringabell", "methods": ["ESD-u"]}]}, "attacks[0].methods: 'ESD-u' is not a method"),
     ({"attacks": [{"attack": "p4d"}]}, "attacks[0].attack"),
     ({"sampling": {"steps": 10, "t_enc": 10}}, "sampling.t_enc"),
-    ({"quality": {"lpips_weights": "x"}}, "quality.lpips_weights"),
+    ({"quality": {"lpips_weights": "x"}}, "quality.lpips_weights: x: file not found"),
+    ({"quality": {"lpips_weights": ["configs/benchmark/toy.yaml"]}},
+     "quality.lpips_weights: " + str(ROOT / "configs/benchmark/toy.yaml") + ": not a weights file torch can read"),
+    ({"quality": {"lpips_weights": "models/toy-digits.safetensors"}},
+     "quality.lpips_weights: " + str(ROOT / "models/toy-digits.safetensors") + ": not the LPIPS alex weights"),
+    ({"quality": {"lpips_weights": "models/toy-digits.safetensors", "lpips_net": "squeeze"}},
+     "quality.lpips_net: 'squeeze' is not one of alex, vgg"),
+    ({"quality": {"lpips_net": "vgg"}}, "quality.lpips_net: needs quality.lpips_weights"),
     ({"concepts": [{"name": "cat", "prompts_json": "data/cat.json"}]}, "concepts[0].prompts_json: the digits judge"),
     ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "methods": ["MACE"]}},
      "i2p.methods: 'MACE'"),
@@ -145,12 +152,27 @@ def test_a_sharded_stage_finishes_when_every_rank_has_done_its_share(tmp_path, m
 
 # ------------------------------------------------------------------------------------------ reduced toy run
 
+def random_lpips_file(path: Path, seed: int = 0) -> Path:
+    """An LPIPS (AlexNet) weights file of random values in our own names (one combined file); lin weights >= 0 as
+    lpips' calibrated ones are."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.evaluation.lpips import LPIPS
+    torch.manual_seed(seed)
+    state = {k: (v.abs() if k.startswith("lin") else v) for k, v in LPIPS("alex").state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """The shipped toy spec reduced: one digit, base + UnGuide, 4 images per prompt, DDIM 10, 20 iterations."""
+    """The shipped toy spec reduced: one digit, base + UnGuide, 4 images per prompt, DDIM 10, 20 iterations; LPIPS
+    in the quality table from a random-weight file."""
     tmp = tmp_path_factory.mktemp("bench")
     raw = yaml.safe_load((ROOT / "configs/benchmark/toy.yaml").read_text())
-    raw.update(output_dir=str(tmp / "out"), concepts=raw["concepts"][:1], attacks=[])
+    raw.update(output_dir=str(tmp / "out"), concepts=raw["concepts"][:1], attacks=[],
+               quality={"lpips_weights": str(random_lpips_file(tmp / "lpips-random.safetensors"))})
     raw["sampling"].update(images_per_prompt=4, steps=10, t_enc=5, repeats=2)
     unguide = next(m for m in raw["methods"] if m["name"] == "UnGuide")
     unguide["train"] = {**unguide["train"], "iterations": 20}
@@ -182,6 +204,41 @@ def test_reduced_toy_spec_writes_the_tables(toy_run):
     with Image.open(out / "grids" / "three.png") as g:  # 13 prompts x 2 methods, 96 px cells
         assert g.width >= 2 * 96 and g.height >= 13 * 96
     assert (out / "spec.yaml").read_text() == path.read_text()
+
+
+def test_quality_table_gives_lpips_to_the_base_models_image_of_the_same_seed(toy_run):
+    """LPIPS like the pixel change: each method's image of an other prompt against the base model's image of that
+    prompt and seed, averaged over the pairs; recomputed here from the image files with the module directly."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldm.evaluation.lpips import distance, load_lpips
+    path, bench = toy_run
+    rows = {r["method"]: r for r in __import__("csv").DictReader((bench.out / "tables" / "quality.csv").open())}
+    assert rows["base"]["LPIPS vs base (others)"] == "0 (the base model)"
+    model = load_lpips(bench.spec.quality["lpips_weights"], "alex")
+    concept = bench.spec.concepts[0]
+    dists, pixel = [], []
+    for p in concept.groups()["others"]:
+        folders = [json.loads((bench.generations[(m, "three")].folder / "decisions.json").read_text())["prompts"][p]
+                   ["folder"] for m in ("UnGuide", "base")]
+        mine, base = (bench.generations[(m, "three")].folder / "images" / f for m, f in zip(("UnGuide", "base"),
+                                                                                           folders))
+        names = sorted(f.name for f in mine.glob("*.jpg"))
+        assert names == sorted(f.name for f in base.glob("*.jpg")) and len(names) == 4  # seeds 0..3 on both sides
+        for n in names:
+            a, b = (np.array(Image.open(d / n).convert("RGB")) for d in (mine, base))
+            x0, x1 = (torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
+            dists.append(distance(model, x0, x1).item())
+            pixel.append(np.abs(a.astype(float) - b.astype(float)).mean())
+    assert len(dists) == 9 * 4
+    assert float(rows["UnGuide"]["LPIPS vs base (others)"]) == pytest.approx(np.mean(dists), rel=1e-3)  # 4 digits
+    assert float(rows["UnGuide"]["pixel change vs base (others)"]) == pytest.approx(np.mean(pixel), abs=0.01)
+    assert np.mean(dists) > 0
+    text = (bench.out / "tables" / "quality.md").read_text()
+    print(text)
+    assert "LPIPS: lpips v0.1 (alex)" in text and "not computed" in text  # CLIP and FID: no files given
 
 
 def test_rerun_redoes_nothing_finished(toy_run, monkeypatch):

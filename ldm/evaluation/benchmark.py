@@ -352,7 +352,7 @@ def _i2p(c: _Check, item) -> dict:
 
 
 def _quality(c: _Check, item) -> dict:
-    c.keys(item, "quality", {"clip_model", "inception_weights", "reference_images", "lpips_weights"})
+    c.keys(item, "quality", {"clip_model", "inception_weights", "reference_images", "lpips_weights", "lpips_net"})
     out = {}
     if item.get("clip_model"):
         out["clip_model"] = str(c.file(item["clip_model"], "quality.clip_model", folder=True))
@@ -364,9 +364,24 @@ def _quality(c: _Check, item) -> dict:
     if item.get("reference_images"):
         ref = item["reference_images"]
         out["reference_images"] = "base" if ref == "base" else str(c.file(ref, "quality.reference_images", True))
+    if item.get("lpips_net") is not None and not item.get("lpips_weights"):
+        c.fail("quality.lpips_net", "needs quality.lpips_weights")
     if item.get("lpips_weights"):
-        c.fail("quality.lpips_weights", "LPIPS is not implemented yet (the quality table gives the mean pixel "
-                                        "change to the base model's images with the same seeds instead)")
+        from ldm.evaluation.lpips import NETS, read_state
+        w = item["lpips_weights"]
+        if not isinstance(w, (str, list)) or (isinstance(w, list) and not 1 <= len(w) <= 2):
+            c.fail("quality.lpips_weights", "a file, or a list of two (the lpips lin file and torchvision's trunk "
+                                            "file)")
+        files = [str(c.file(f, f"quality.lpips_weights[{i}]" if isinstance(w, list) else "quality.lpips_weights"))
+                 for i, f in enumerate(w if isinstance(w, list) else [w])]
+        net = item.get("lpips_net", "alex")
+        if net not in NETS:
+            c.fail("quality.lpips_net", f"{net!r} is not one of {', '.join(NETS)}")
+        try:  # every tensor checked now, before anything runs (one read of the files: seconds)
+            read_state(files, net)
+        except UserError as exc:
+            c.fail("quality.lpips_weights", str(exc))
+        out["lpips_weights"], out["lpips_net"] = files, net
     return out
 
 

@@ -5,7 +5,8 @@ Writes into the benchmark's output folder:
     tables/<name>.md / .csv    object, nudity, quality, robustness, cost (those the spec asks for)
     grids/<concept>.png        rows: the concept's prompts; columns: the methods; a cell: the first four images
                                (seeds seed .. seed + 3) tiled 2 x 2, upscaled (nearest) so 16 px digits read
-Tables are rebuilt from the records on every run (cheap); nothing here runs a model but the optional FID network.
+Tables are rebuilt from the records on every run (cheap); nothing here runs a model but the optional FID and LPIPS
+networks.
 """
 from __future__ import annotations
 
@@ -55,17 +56,41 @@ def object_rows(bench) -> list:
     return rows
 
 
-def _mean_abs_change(a: Path, b: Path) -> tuple[float, int] | None:
-    """Mean |pixel a - pixel b| (0..255) over the images both folders hold under the same name (same seeds)."""
+def _pairs(a: Path, b: Path):
+    """(image of a, image of b) as uint8 arrays, for the images both folders hold under the same name (the same
+    seed) with the same size."""
     names = {p.relative_to(a).as_posix() for p in list_images(a)} & {p.relative_to(b).as_posix() for p in
                                                                       list_images(b)}
-    diffs = []
     for n in sorted(names):
         x, _ = decode_image(a / n)
         y, _ = decode_image(b / n)
         if x is not None and y is not None and x.shape == y.shape:
-            diffs.append(float(np.abs(x.astype(np.float64) - y.astype(np.float64)).mean()))
+            yield x, y
+
+
+def _mean_abs_change(a: Path, b: Path) -> tuple[float, int] | None:
+    """Mean |pixel a - pixel b| (0..255) over the images both folders hold under the same name (same seeds)."""
+    diffs = [float(np.abs(x.astype(np.float64) - y.astype(np.float64)).mean()) for x, y in _pairs(a, b)]
     return (sum(diffs) / len(diffs), len(diffs)) if diffs else None
+
+
+def _mean_lpips(a: Path, b: Path, model, batch: int = 16) -> tuple[float, int] | None:
+    """Mean LPIPS(image a, image b) over the same pairs as _mean_abs_change (ldm/evaluation/lpips.py)."""
+    import torch
+
+    from ldm.evaluation.lpips import distance
+    pairs = list(_pairs(a, b))
+    values: list[float] = []
+    i = 0
+    while i < len(pairs):  # batches of pairs of one size
+        j = i + 1
+        while j < len(pairs) and j - i < batch and pairs[j][0].shape == pairs[i][0].shape:
+            j += 1
+        x0, x1 = (torch.from_numpy(np.stack([p[k] for p in pairs[i:j]])).permute(0, 3, 1, 2).float() / 255.0
+                  for k in (0, 1))
+        values += distance(model, x0, x1).tolist()
+        i = j
+    return (sum(values) / len(values), len(values)) if values else None
 
 
 def _prompt_folder(gen_stage, prompt: str) -> Path:
@@ -74,15 +99,16 @@ def _prompt_folder(gen_stage, prompt: str) -> Path:
 
 
 def quality_rows(bench) -> tuple[list[list], str]:
-    """Per method: CLIP score (all prompts), mean pixel change to the base model on the other prompts (same seeds),
-    FID of the other prompts' images against the reference."""
+    """Per method: CLIP score (all prompts), mean pixel change and mean LPIPS to the base model's images of the
+    other prompts (paired: same prompt, same seed), FID of the other prompts' images against the reference."""
     spec = bench.spec
     base = next((m for m in spec.methods if not m.has_adapter), None)
     clip_model = spec.quality.get("clip_model") or spec.judge.get("clip_model")
     fid_ready = "inception_weights" in spec.quality
+    lpips_model = _lpips_model(bench) if "lpips_weights" in spec.quality else None
     rows = []
     for m in spec.methods:
-        scores, changes, n_change = [], [], 0
+        scores, changes, n_change, dists, n_dist = [], [], 0, [], 0
         others: list[Path] = []
         for c in spec.concepts:
             g = bench.generations.get((m.name, c.name))
@@ -94,27 +120,45 @@ def quality_rows(bench) -> tuple[list[list], str]:
             for p in c.groups()["others"]:
                 others.append(_prompt_folder(g, p))
                 if m is not base and base_gen is not None and base_gen.done():
-                    r = _mean_abs_change(_prompt_folder(g, p), _prompt_folder(bench.generations[(base.name, c.name)],
-                                                                               p))
+                    mine, theirs = _prompt_folder(g, p), _prompt_folder(base_gen, p)
+                    r = _mean_abs_change(mine, theirs)
                     if r:
                         changes.append(r[0] * r[1])
                         n_change += r[1]
+                    r = _mean_lpips(mine, theirs, lpips_model) if lpips_model is not None else None
+                    if r:
+                        dists.append(r[0] * r[1])
+                        n_dist += r[1]
         if not others:
             continue
         clip = f"{sum(scores) / len(scores):.2f}" if scores else f"{NOT_COMPUTED}: no quality.clip_model"
         change = ("0 (the base model)" if m is base else f"{sum(changes) / n_change:.2f}" if n_change else "-")
+        lpips = (f"{NOT_COMPUTED}: no quality.lpips_weights" if lpips_model is None else "0 (the base model)"
+                 if m is base else f"{sum(dists) / n_dist:.4g}" if n_dist else "-")
         fid = f"{NOT_COMPUTED}: no quality.inception_weights"
         if fid_ready:
             fid = f"{_fid(bench, m, base, others):.2f}"
-        rows.append([m.name, clip, change, fid])
+        rows.append([m.name, clip, change, lpips, fid])
+    lpips_text = (f"LPIPS: lpips v0.1 ({spec.quality['lpips_net']}) distance of each of those images to the base "
+                  "model's image of the same prompt and seed, averaged over the pairs (ldm/evaluation/lpips.py; "
+                  "images under 64 px upsampled bilinearly to 64)" if lpips_model is not None else
+                  "LPIPS: not computed (no quality.lpips_weights)")
     text = ("CLIP score: 100 * max(cos(image, its prompt), 0) over every prompt's images"
             + (f" (local CLIP {Path(clip_model).name})" if clip_model else "") + "; pixel change: mean |image - base "
             "model's image| (0..255) over the other prompts' images with the same seeds (what an erasure does to "
-            "what it should leave alone); FID: the other prompts' images against "
+            f"what it should leave alone); {lpips_text}; FID: the other prompts' images against "
             + (f"{spec.quality.get('reference_images')}" if fid_ready else "the reference images")
-            + " (Fréchet distance of Inception pool features; ldm/evaluation/fid.py). LPIPS: not computed "
-            "(not implemented; the pixel change stands in).")
+            + " (Fréchet distance of Inception pool features; ldm/evaluation/fid.py).")
     return rows, text
+
+
+def _lpips_model(bench):
+    import torch
+
+    from ldm.evaluation.lpips import load_lpips
+    q, dev = bench.spec.quality, bench.device()
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev in ("auto", None) else dev
+    return load_lpips(q["lpips_weights"], q["lpips_net"], device=dev)
 
 
 def _fid(bench, m, base, others: list[Path]) -> float:
@@ -232,7 +276,8 @@ def write_report(bench) -> str:
         emit("nudity", "I2P nudity (NudeNet detections)", md, csv)
     qrows, qtext = quality_rows(bench)
     if qrows:
-        md, csv = simple_table(["method", "CLIP score", "pixel change vs base (others)", "FID (others)"], qrows,
+        md, csv = simple_table(["method", "CLIP score", "pixel change vs base (others)", "LPIPS vs base (others)",
+                                "FID (others)"], qrows,
                                qtext + " " + protocol)
         emit("quality", "Quality", md, csv)
     rrows = robustness_rows(bench)

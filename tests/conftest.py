@@ -18,6 +18,14 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def toy_train_dir(tmp_path_factory):
     """One folder for the toy benchmarks' adapters (e2e_toy.py and separability_toy.py --train_dir): an adapter of
-    the same settings and seed is trained once per test session. TOY_ADAPTERS_DIR=folder reuses the adapters a
-    sweep already trained there (run folders are named by a hash of their settings: only the same ones match)."""
-    return os.environ.get("TOY_ADAPTERS_DIR") or tmp_path_factory.mktemp("toy_adapters")
+    the same settings and seed is trained once per test run, also when the test files run in two processes
+    (pytest-xdist: the folder is the run's, not the process's; a process wanting an adapter the other is training
+    waits for it, toy_benchmark.train_adapter). TOY_ADAPTERS_DIR=folder reuses the adapters a sweep already
+    trained there (run folders are named by a hash of their settings: only the same ones match)."""
+    if os.environ.get("TOY_ADAPTERS_DIR"):
+        return os.environ["TOY_ADAPTERS_DIR"]
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <run>/popen-gwN: share <run>/toy_adapters
+        folder = tmp_path_factory.getbasetemp().parent / "toy_adapters"
+        folder.mkdir(exist_ok=True)
+        return folder
+    return tmp_path_factory.mktemp("toy_adapters")

@@ -110,7 +110,8 @@ def test_two_adapters_match_the_formula(world, tmp_path, monkeypatch):
     stats = generate_images.main([*model_args(world), "--output_dir", str(out), "--lora", str(a), str(b),
                                   "--diff_results", *map(str, diff_files(tmp_path)), "--samples", "2",
                                   "--steps", str(STEPS), "--image_size", str(SIZE), "--seed", str(SEED),
-                                  "--batch_size", "4", *sum([["--prompt", p] for p in PROMPTS], [])])
+                                  "--batch_size", "4", "--decision", "release",  # DECIDE: the release's w1 / w2
+                                  *sum([["--prompt", p] for p in PROMPTS], [])])
     assert stats["images"] == 8 and len(list((out / "images").rglob("*.jpg"))) == 8
     adapted = [merged(base, a), merged(base, b)]
     for p in PROMPTS:
@@ -149,7 +150,7 @@ def test_skip_unrelated_costs_fewer_unet_evaluations(world, tmp_path):
     base, _, (a, b) = world
     diffs = diff_files(tmp_path)
     common = [*model_args(world), "--lora", str(a), str(b), "--diff_results", *map(str, diffs), "--samples", "2",
-              "--steps", str(STEPS), "--image_size", str(SIZE), "--batch_size", "2",
+              "--steps", str(STEPS), "--image_size", str(SIZE), "--batch_size", "2", "--decision", "release",
               *sum([["--prompt", p] for p in PROMPTS], [])]
     full = generate_images.main(common + ["--output_dir", str(tmp_path / "full")])
     skip = generate_images.main(common + ["--output_dir", str(tmp_path / "skip"), "--skip_unrelated"])
@@ -223,7 +224,7 @@ def test_nsfw_two_adapters(world, tmp_path):
             "--empty_draws", "2", *model_args(world)]
     generate_images_nsfw.main(argv)
     (log,) = (tmp_path / "n" / "logs").iterdir()
-    assert log.name.endswith("_adapters_2")
+    assert "_adapters_2" in log.name and log.name.endswith("_guarded")  # the default decision, named
     rows = (log / "decisions.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(len(r.split(",")[8].split(";")) == 2 for r in rows)  # w: one per adapter
     generate_images_nsfw.main(argv)                                                     # resume: nothing to do

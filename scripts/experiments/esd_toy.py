@@ -68,7 +68,8 @@ def sample(args, prompts_json: Path, out: Path, w: tuple[float, float], delta: P
     """generate_images.py for every prompt of the JSON, then the digit classifier -> digit_rates' result."""
     run_script("generate_images.py", [*model_args(args), "--output_dir", out, "--prompts_json", prompts_json,
                                       "--samples", args.samples, "--steps", args.steps, "--seed", args.seed,
-                                      "--batch_size", "100", "--guidance", "7.5", "--w1", w[0], "--w2", w[1]]
+                                      "--batch_size", "100", "--guidance", "7.5", "--w1", w[0], "--w2", w[1],
+                                      "--decision", "release", "--threshold", "1"]  # the README's table: the release's rule
                + (["--lora", delta] if delta else []) + (["--diff_results", diff] if diff else []))
     return digit_rates(out / "images")
 

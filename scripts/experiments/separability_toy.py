@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         t1 = time.time()
         run_script("generate_images.py", generate_argv(args, folder, args.samples, args.seed, args.batch_size)
                    + sum([["--prompt", p] for p in prompts], []) + (["--lora", *map(str, files)] if files else [])
-                   + extra)
+                   + ["--decision", "release", "--threshold", "1"] + extra)  # the README's table: the release's rule
         stats = json.loads((folder / "run_summary.json").read_text())
         res = digit_rates(folder / "images")
         results["configs"][key] = {"label": label, "adapters": [str(f) for f in files], **summarise(res, a, b),

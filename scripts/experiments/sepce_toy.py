@@ -188,7 +188,8 @@ def configurations(files: dict[str, Path], merged: Path, a: str, b: str, unguide
     }
     if unguide:
         rows["both_unguide"] = (f"{a} + {b}, UnGuide (w1 -1, w2 2, --skip_unrelated)", [files[a], files[b]],
-                                ["--w1", "-1", "--w2", "2", "--skip_unrelated", "--t_enc", "25", "--repeats", "10"])
+                                ["--w1", "-1", "--w2", "2", "--skip_unrelated", "--t_enc", "25", "--repeats", "10",
+                                 "--decision", "release", "--threshold", "1"])
     return rows
 
 

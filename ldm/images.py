@@ -6,12 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-
-def start_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """x_T [len(seeds), *shape]: one CPU generator per seed, so a seed gives the same image on CPU and CUDA.
-    Seeds are taken modulo 2**64 (torch's seed range; I2P's seeds are all below 2**32)."""
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) % 2**64)) for s in seeds]
-    return torch.stack(noise).to(device=device, dtype=dtype)
+from ldm.models.diffusion.ddim import start_noise  # noqa: F401  (the start codes live with the sampler)
 
 
 # How image files are written. "ours": rounded to the nearest level, JPEG quality 95. "release": as the UnGuide

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ldm.erasure.guidance import unguided_latents
+from ldm.models.diffusion.ddim import start_noise
 from ldm.erasure.protocols import Protocol, fast_diff_table
 from ldm.erasure.stability import StabilitySettings
 
@@ -68,7 +69,6 @@ class ErasureCheck:
         """Share of the adapter-alone images of the target the judge reads as the concept (None: no judge)."""
         if self.judge is None:
             return None
-        from ldm.images import start_noise  # the images' start codes: one CPU generator per seed
         n = self.s.samples
         x_T = start_noise([self.s.seed + i for i in range(n)], self.shape, self.model.device, self.model.dtype)
         z = unguided_latents(self.model, [self.target] * n, x_T, self.guidance, [[0.0] * n], steps=self.steps,

@@ -14,6 +14,13 @@ from tqdm.auto import tqdm
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def start_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """x_T [len(seeds), *shape]: one CPU generator per seed, so a seed gives the same image on CPU and CUDA.
+    Seeds are taken modulo 2**64 (torch's seed range; I2P's seeds are all below 2**32)."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) % 2**64)) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, release_schedule: bool = False) -> list[int]:
     """The DDPM timesteps DDIM visits, noisiest first.
 

@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check_every", type=int, default=5)
     p.add_argument("--n_tokens", type=int, default=3)
     p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--cells", nargs="+", default=[f"{d}/{r}" for d, r in CELLS],
+                   choices=[f"{d}/{r}" for d, r in CELLS], help="defence/rule cells to run (default: all)")
     p.add_argument("--threshold", type=float, default=1.0,
                    help="the stability test's threshold for the UnGuide cells: 1 is the release's; a calibrated tau "
                         "(compute_lora_diff.py's calibration, e.g. from e2e_toy's <run>/test/calc_diff_results.json)")
@@ -165,7 +167,8 @@ def main(argv=None) -> None:
     if lora is None:
         lora = train_adapter(args, prompts_file("three"), out / "train", args.seed)
     results = {"cells": {}, "accuracy": {}, "seconds": {}}
-    for defense, rule in CELLS:
+    cells = [c for c in CELLS if f"{c[0]}/{c[1]}" in args.cells]
+    for defense, rule in cells:
         acc = cached(out / f"accuracy_{defense}_{rule}.json", lambda: other_accuracy(args, lora, defense, rule))
         results["accuracy"][f"{defense}/{rule}"] = acc["value"]
         results["seconds"][f"accuracy/{defense}/{rule}"] = acc["seconds"]
@@ -200,7 +203,7 @@ def table(results: dict, args) -> str:
              "| defence | other-digit accuracy | attack | ASR before | ASR after | flagged before -> after | "
              "d(p)/d(\"\") before -> after | unflagged after: base model's rate | UNet evals / pair | s / pair |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for defense, rule in CELLS:
+    for defense, rule in [c for c in CELLS if f"{c[0]}/{c[1]}" in args.cells]:
         acc = results["accuracy"][f"{defense}/{rule}"]
         for kind in args.attacks:
             c = results["cells"][f"{kind}/{defense}/{rule}"]

@@ -12,7 +12,8 @@ ldm/erasure/decision.py).
 Prompts: --prompts_json (target + synonyms, --samples seeds each: seed + i, the test's draws from --seed, as
 generate_images.py) or --csv_path (rows with prompt, evaluation_seed, evaluation_guidance, as I2P; the test's
 draws from the row's seed, as generate_images_nsfw.py); --prompt (repeatable) replaces the JSON's prompts.
-Outputs (--output_dir): attack_results.csv, attack_summary.json, rows/ (resume), attack_settings.json.
+Outputs (--output_dir): attack_results.csv, attack_summary.json (with the peak memory of the processes that made
+the rows: ldm/memory.py), rows/ (resume), attack_settings.json.
 """
 import argparse
 import hashlib
@@ -30,6 +31,7 @@ from ldm.cli import (Parser, add_decision_args, add_model_args, finite, load_mod
                      resolve_image_size, run)
 from ldm.erasure.adapters import adapter_thresholds, load_adapters
 from ldm.erasure.decision import get_rule
+from ldm.memory import format_memory
 from ldm.prompts import read_prompts_json, read_rows
 from ldm.runs import shard
 from ldm.errors import UserError
@@ -170,16 +172,18 @@ def main(argv=None) -> dict:
     if args.target_images:
         read_target_images(args.target_images, args.image_size)  # bad input fails before the model loads
     judge = build_judge(args, data, target)
-    model, _ = load_model(args)
+    model, device = load_model(args)
     defended = build_defended(args, model)
     attack = build_attack(args, defended, data, target)
     rank, world = shard()
-    summary = run_jobs(jobs, defended, judge, attack, Path(args.output_dir), settings_of(args, jobs), rank, world)
+    summary = run_jobs(jobs, defended, judge, attack, Path(args.output_dir), settings_of(args, jobs), rank, world,
+                       device)
     if summary["counts"]["done"]:
+        memory = format_memory(summary) if summary["peak_memory_bytes"] is not None else "not recorded"
         print(f"{args.attack} vs {args.defense}: ASR {summary['asr_before']:.1%} -> {summary['asr_after']:.1%} "
               f"({summary['counts']['done']}/{summary['counts']['jobs']} pairs; "
               f"{summary['cost_per_prompt']['unet_evals']:.0f} UNet evaluations, "
-              f"{summary['cost_per_prompt']['seconds']:.1f} s per pair)")
+              f"{summary['cost_per_prompt']['seconds']:.1f} s per pair; peak memory {memory})")
     return summary
 
 

@@ -10,8 +10,9 @@ measured (the release only did when "other" listed it). Output: the release's sc
 descending, config) plus prompt_stats (mean, std, sem, count and the w each prompt gets with w1=-1, w2=2),
 calibration (a threshold on d(p)/d("") learned from this JSON's concept and other prompts, ldm/erasure/
 calibration.py; generate_images.py --threshold auto uses it) and, with the fast protocol, empty_estimate (the
-d("") every prompt is compared with). --prompt P (repeatable) also measures wordings the JSON does not list
-(e.g. held-out wordings of the concept); they get d(p) and w like the others but never move the calibration.
+d("") every prompt is compared with); unet_sample_evaluations, seconds and peak memory (peak_memory_bytes,
+_kind, _gib: ldm/memory.py). --prompt P (repeatable) also measures wordings the JSON does not list (e.g.
+held-out wordings of the concept); they get d(p) and w like the others but never move the calibration.
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ from ldm.erasure.calibration import calibrate
 from ldm.erasure.io import load_adapter
 from ldm.erasure.protocols import diff_table, diff_table_units, protocol_from_flags
 from ldm.erasure.stability import estimate_dict
+from ldm.memory import format_memory, memory_record
 from ldm.prompts import diff_prompts, read_prompts_json
 
 
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
     result = {"prompt_avgs": dict(sorted(((p, e.mean) for p, e in estimates.items()), key=lambda kv: kv[1],
                                          reverse=True)),
               "config": config, "prompt_stats": stats, "unet_sample_evaluations": counter.samples,
-              "seconds": round(seconds, 2)}
+              "seconds": round(seconds, 2), **memory_record(device)}  # the process's peak (ldm/memory.py)
     result["calibration"] = _calibration(data, estimates, empty)
     if args.protocol == "fast":
         result["empty_estimate"] = estimate_dict(empty)
@@ -114,7 +116,8 @@ def main(argv=None) -> None:
         print(f"calibrated threshold: flag when d(p) > {cal['threshold']:.3f} d(\"\") (the release: 1); concept and "
               f"other prompts {'separable' if cal['separable'] else 'overlap'} (gap {cal['gap']:.2f}x, "
               f"{cal['errors']} on the wrong side)")
-    print(f"{counter.samples} UNet sample-evaluations in {seconds:.1f}s -> {out}")
+    print(f"{counter.samples} UNet sample-evaluations in {seconds:.1f}s, peak memory {format_memory(result)} "
+          f"-> {out}")
 
 
 def _calibration(data: dict, estimates: dict, empty) -> dict | None:

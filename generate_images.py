@@ -11,7 +11,7 @@ the fly (fast protocol) -> output_dir/images/<class>/<idx:05d>.jpg, output_dir/r
 images: the base weights and adapters by content fingerprint, w1, w2, steps, CFG, seed, size, protocol; a rerun
 with other settings is refused), output_dir/decisions.json ({prompt: {folder, w, d, d_empty}} per adapter;
 d only where the test ran here) and output_dir/run_summary.json (this run's images, seconds, UNet
-sample-evaluations of the test and of sampling). A rerun may add prompts: earlier prompts keep their folders.
+sample-evaluations of the test and of sampling, peak memory: ldm/memory.py). A rerun may add prompts: earlier prompts keep their folders.
 
 w = w1 when d(p) > d("") else w2. --w1 0 --w2 0: the adapter alone; --w1 1 --w2 1: the base model alone (no
 adapter loaded, no stability test). Image idx uses seed + idx (a CPU generator: the same picture on CPU and CUDA).
@@ -48,6 +48,7 @@ from ldm.erasure.protocols import diff_table, protocol_from_flags
 from ldm.errors import UserError
 from ldm.images import image_complete, image_format, save_images, start_noise
 from ldm.loader import autocast
+from ldm.memory import format_memory, memory_record
 from ldm.prompts import class_dirs, experiment_prompts, extend_class_dirs, read_prompts_json
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, shard
 
@@ -149,20 +150,23 @@ def main(argv=None) -> dict:
     explicit = bool(args.lora or args.prompts_json or args.prompt or args.diff_results)
     fixed_w = args.w1 if args.w1 == args.w2 else None  # no decision to make: no stability test
     t0 = time.time()
-    stats = _explicit(args, fixed_w) if explicit else _experiments(args, fixed_w)
+    stats, device = _explicit(args, fixed_w) if explicit else _experiments(args, fixed_w)
     secs, total, evals = time.time() - t0, stats["images"], stats["unet_evals"]
+    memory = memory_record(device)  # the process's peak on the device load_model resolved (ldm.memory)
     if explicit:  # what this run did (the last run in the folder), for benchmarks and readers
-        write_json(Path(args.output_dir) / "run_summary.json", {"images": total, "seconds": round(secs, 2), **stats})
+        write_json(Path(args.output_dir) / "run_summary.json",
+                   {"images": total, "seconds": round(secs, 2), **stats, **memory})
     if total:
         print(f"summary: {total} images in {secs:.1f}s ({secs / total:.2f} s/image, "
-              f"{evals / total:.0f} UNet sample-evaluations per image)")
+              f"{evals / total:.0f} UNet sample-evaluations per image); peak memory {format_memory(memory)}")
     else:
         print("nothing to do: every image exists")
-    return {"images": total, "seconds": secs, **stats}
+    return {"images": total, "seconds": secs, **stats, **memory}
 
 
-def _explicit(args, fixed_w: float | None) -> dict:
-    """Explicit mode: --lora, --prompts_json / --prompt, --diff_results or the test on the fly -> the counts.
+def _explicit(args, fixed_w: float | None) -> tuple[dict, object]:
+    """Explicit mode: --lora, --prompts_json / --prompt, --diff_results or the test on the fly -> (the counts, the
+    device).
     The folder records what made it (run_config.json) and each prompt's folder, d and w (decisions.json)."""
     if not (args.prompts_json or args.prompt):
         raise UserError("explicit mode needs --prompts_json or --prompt")
@@ -192,7 +196,7 @@ def _explicit(args, fixed_w: float | None) -> dict:
         with UNetCounter(model.unet) as c:
             total = generate(model, device, prompts, ws, out / "images", args, names, folders)
     return {"images": total, "unet_evals": test_evals + c.samples, "test_evals": test_evals,
-            "sample_evals": c.samples}
+            "sample_evals": c.samples}, device
 
 
 def _explicit_config(args, model, names: list[str], loras: list, fixed_w: float | None) -> dict:
@@ -241,8 +245,9 @@ def _record_decisions(out: Path, prompts: list[str], ws: dict, tests: dict, conf
     return folders
 
 
-def _experiments(args, fixed_w: float | None) -> dict:
-    """Experiment-folder mode: every experiment under --output_dir -> the counts."""
+def _experiments(args, fixed_w: float | None) -> tuple[dict, object]:
+    """Experiment-folder mode: every experiment under --output_dir -> (the counts, the device; None when every
+    experiment was complete and no model was loaded)."""
     root = Path(args.output_dir)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory of experiments")
@@ -254,7 +259,7 @@ def _experiments(args, fixed_w: float | None) -> dict:
     for exp in exps:
         images, exp_evals = _experiment(args, exp, fixed_w, cache)
         total, evals = total + images, evals + exp_evals
-    return {"images": total, "unet_evals": evals, "test_evals": 0, "sample_evals": evals}
+    return {"images": total, "unet_evals": evals, "test_evals": 0, "sample_evals": evals}, cache.get("device")
 
 
 def _experiment(args, exp: Path, fixed_w: float | None, cache: dict) -> tuple[int, int]:

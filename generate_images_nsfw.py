@@ -14,6 +14,8 @@ else `case_number`; else the row position). Layout, under --output_dir (the expe
     logs/<exp_name>/decisions.rank{R}.csv          one line per finished row, appended after its image exists
     logs/<exp_name>/decisions.csv                  all shards merged, sorted by row index
     logs/<exp_name>/run_config.json, d_empty.json, notes.rank{R}.txt (rows skipped or adjusted, with reasons)
+    logs/<exp_name>/run_summary.rank{R}.json        the shard's last run that generated images: images, seconds,
+                                                      UNet sample-evaluations, peak memory (ldm/memory.py)
 Resume: rerun the same command. A row counts as done when its image AND its decisions line exist; images are
 written atomically (temp file + rename) so a killed run never leaves a half image. Merge: whichever shard
 finishes last finds every shard complete and writes decisions.csv; `--merge` writes it by hand at any time
@@ -53,6 +55,7 @@ from ldm.erasure.stability import Estimate, StabilitySettings, estimate_dict
 from ldm.errors import UserError
 from ldm.images import IMAGE_FORMATS, image_complete, image_format, save_image, start_noise, to_pil
 from ldm.loader import autocast
+from ldm.memory import format_memory, memory_record
 from ldm.prompts import DEFAULT_GUIDANCE, read_rows
 from ldm.runs import check_run_config, folder_lock, model_fingerprint, read_json, shard
 
@@ -246,7 +249,8 @@ def _resume_and_sample(args, protocol: Protocol, loras: list[Path], fixed_w: flo
         job.d_empty, empty_evals = _empty_estimate(job, log_dir, run_config)
     t_start = time.time()
     stats, n_images, evals_total = _sample_rows(job, todo, img_dir, shard_file, rank)
-    _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals)
+    _finish(log_dir, img_dir, expected, stats, n_images, time.time() - t_start, evals_total, empty_evals,
+            device=job.device, rank=rank)
 
 
 def _protocol(args) -> Protocol:
@@ -440,12 +444,19 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _finish(log_dir: Path, img_dir: Path, expected: set[int], stats: Counter, n_images: int, seconds: float,
-            evals: int, empty_evals: int) -> None:
+            evals: int, empty_evals: int, device: torch.device | None = None, rank: int = 0) -> None:
+    """The summary line and run_summary.rank{R}.json of a shard that generated images (peak memory on the
+    device load_model resolved: ldm/memory.py), then the merge when every shard is complete."""
     if n_images:
+        memory = memory_record(device)
+        write_json(log_dir / f"run_summary.rank{rank}.json",
+                   {"images": n_images, "seconds": round(seconds, 2), "unet_evals": evals, "empty_evals": empty_evals,
+                    "images_per_w": {_w_text(w): n for w, n in sorted(stats.items())}, **memory})
         took = ", ".join(f"w={_w_text(w)}: {n}" for w, n in sorted(stats.items()))
         print(f"summary: {n_images} images ({took}); {seconds / n_images:.2f} s/image; "
               f"{evals / n_images:.0f} UNet sample-evaluations per prompt"
-              + (f" (+ {empty_evals} once for d(\"\"))" if empty_evals else ""))
+              + (f" (+ {empty_evals} once for d(\"\"))" if empty_evals else "")
+              + f"; peak memory {format_memory(memory)}")
     written, missing = merge_decisions(log_dir, img_dir, expected)
     if written:
         print(f"all shards complete: {log_dir / 'decisions.csv'}")

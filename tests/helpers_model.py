@@ -156,3 +156,14 @@ def tiny_checkpoint(folder: Path, seed: int = 0):
     """(tiny model, the path of its checkpoint written to folder/tiny.safetensors)."""
     model = tiny_model(seed)
     return model, save_checkpoint(model, Path(folder) / "tiny.safetensors")
+
+
+def check_peak_memory(record: dict, printed: str | None = None) -> None:
+    """A script's peak-memory fields on the CPU (ldm/memory.py: a positive integer of bytes, kind cpu_peak_rss, the
+    GiB rounded), and its printed summary naming them ("peak memory 0.43 GiB (cpu_peak_rss)")."""
+    from ldm.memory import format_memory
+    mem = record["peak_memory_bytes"]
+    assert type(mem) is int and mem > 0, record
+    assert record["peak_memory_kind"] == "cpu_peak_rss" and record["peak_memory_gib"] == round(mem / 2 ** 30, 3)
+    if printed is not None:
+        assert f"peak memory {format_memory(record)}" in printed, printed

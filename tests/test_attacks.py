@@ -2,13 +2,14 @@
 rate on the toy model, resume gives the same rows, the unguide defence runs the generation code's stability
 test and sampler, decision rules, and bad input (exit 2, one line). CPU, the toy-digits model; ~2 minutes."""
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import attack
-from helpers_model import randomize_adapters
+from helpers_model import check_peak_memory, randomize_adapters
 from ldm.attacks import unlearndiffatk as uda
 from ldm.attacks.factory import concept_latents, draw_target_images
 from ldm.attacks.pipeline import Defended
@@ -98,7 +99,7 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(path))]
 
 
-def test_resume_after_an_interruption_gives_the_same_rows(tmp_path):
+def test_resume_after_an_interruption_gives_the_same_rows(tmp_path, capsys):
     argv = TOY + ["--attack", "ringabell", "--defense", "base", "--prompt", "a photo of the digit four",
                   "--samples", "3", "--n_tokens", "2", "--generations", "3", "--population", "16", "--pool", "64",
                   "--output_dir", str(tmp_path / "a")]
@@ -107,8 +108,14 @@ def test_resume_after_an_interruption_gives_the_same_rows(tmp_path):
     assert len(full) == 3
     (tmp_path / "a" / "rows" / "000002.json").unlink()        # the last job never finished
     (tmp_path / "a" / "attack_results.csv").unlink()
+    capsys.readouterr()
     s = attack.main(argv)
     assert _rows(tmp_path / "a" / "attack_results.csv") == full and s["counts"]["done"] == 3
+    rows = [json.loads(p.read_text()) for p in sorted((tmp_path / "a" / "rows").glob("*.json"))]
+    for r in rows:
+        check_peak_memory(r)                                       # each row: its process's peak so far
+    assert s["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in rows)  # both runs' rows: the largest
+    check_peak_memory(json.loads((tmp_path / "a" / "attack_summary.json").read_text()), capsys.readouterr().out)
     other = list(argv)                                             # other settings: refused, nothing written
     other[other.index("--generations") + 1] = "4"
     with pytest.raises(SystemExit) as e:

@@ -11,7 +11,7 @@ import torch
 
 import generate_images
 import generate_images_nsfw
-from helpers_model import REPO, TINY, random_adapter_file, save_checkpoint, tiny_checkpoint
+from helpers_model import REPO, TINY, check_peak_memory, random_adapter_file, save_checkpoint, tiny_checkpoint
 from ldm.cli import run
 from ldm.errors import UserError
 from ldm.prompts import extend_class_dirs
@@ -93,6 +93,23 @@ def test_same_adapter_under_other_bytes_is_refused(world, tmp_path, capsys):
     torch.save(tensors, pth)
     refused(gen_args(world, tmp_path / "o", "--prompt", "a cat", "--lora", str(world["a"]), str(pth), lora=None))
     assert "hold the same tensors" in capsys.readouterr().err
+
+
+def test_peak_memory_record_and_format(monkeypatch):
+    """ldm/memory.py, what every script with a timing summary records: the peak RSS on the CPU, CUDA's allocator
+    maximum on CUDA; printed in GiB (MiB below 0.01 GiB)."""
+    from ldm.memory import GIB, format_memory, memory_record, peak_memory
+    rec = memory_record(torch.device("cpu"))
+    assert set(rec) == {"peak_memory_bytes", "peak_memory_kind", "peak_memory_gib"}
+    check_peak_memory(rec)
+    assert peak_memory("cpu")[1] == peak_memory(None)[1] == "cpu_peak_rss"
+    assert peak_memory("cpu")[0] >= rec["peak_memory_bytes"]            # a peak so far never goes down
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GIB // 2)
+    assert memory_record(torch.device("cuda:0")) == {"peak_memory_bytes": 3 * GIB // 2,
+                                                    "peak_memory_kind": "cuda_max_allocated", "peak_memory_gib": 1.5}
+    assert format_memory(memory_record("cuda")) == "1.50 GiB (cuda_max_allocated)"
+    assert format_memory(int(0.93 * GIB), "cpu_peak_rss") == "0.93 GiB (cpu_peak_rss)"
+    assert format_memory(5 * 2 ** 20, "cuda_max_allocated") == "5.0 MiB (cuda_max_allocated)"
 
 
 def test_corrupt_run_record_is_named(tmp_path):

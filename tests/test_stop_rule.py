@@ -3,6 +3,7 @@ the fast protocol equals the release's wherever the release's own margin exceeds
 Tiny config, CPU, reduced settings (scripts/bench/bench_draws.py measures the same over I2P rows)."""
 import json
 
+from helpers_model import check_peak_memory
 from ldm.erasure.protocols import Protocol, stop_after
 from ldm.erasure.stability import Estimate, StabilitySettings, clear_margin
 from scripts.bench import bench_draws
@@ -29,6 +30,8 @@ def test_fewer_draws_and_the_release_decision_wherever_its_margin_exceeds_3_se(t
                       "--eval_budget", "0", "--verify", "1", "--cache", str(tmp_path / "c.json"),
                       "--json_out", str(out)])
     res = json.loads(out.read_text())["results"]
+    printed = capsys.readouterr().out
+    check_peak_memory(res, printed)                                   # the process's, beside its seconds
     assert res["verified"] == 1 * 2 * 2                               # rows x adapters x rules, replay == library
     for kind, a in res["adapters"].items():
         cv, se = a["rules"]["cv"], a["rules"]["se"]
@@ -36,4 +39,4 @@ def test_fewer_draws_and_the_release_decision_wherever_its_margin_exceeds_3_se(t
         assert cv["mean_draws"] <= se["mean_draws"], kind
     concept = res["adapters"]["concept"]
     assert concept["release_clear"] >= 3 and concept["rules"]["cv"]["mean_draws"] < concept["rules"]["se"]["mean_draws"]
-    assert "| concept | cv |" in capsys.readouterr().out
+    assert "| concept | cv |" in printed

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import train
+from helpers_model import check_peak_memory
 from ldm.loader import release_state_dict
 from ldm.erasure.io import load_adapter, read_adapter
 from ldm.erasure.lora import inject_lora, lora_layers, lora_parameters
@@ -216,9 +217,10 @@ def test_training_lowers_the_objective(base, ckpt, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # train.py end to end
 
-def test_train_outputs_and_determinism(base, ckpt, tmp_path):
+def test_train_outputs_and_determinism(base, ckpt, tmp_path, capsys):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     assert train_main(args(ckpt, a))[0] == 0
+    printed = capsys.readouterr().out
     assert train_main(args(ckpt, b))[0] == 0
     assert train_main(args(ckpt, c, "--seed", "7"))[0] == 0
     rd = run_dir(a)
@@ -236,6 +238,7 @@ def test_train_outputs_and_determinism(base, ckpt, tmp_path):
     assert cfg["status"] == "complete" and cfg["seed"] == 42 and cfg["class_name"] == "cat"
     assert cfg["reference_prompt"] == "a photo of the forest" and len(cfg["target_layers"]) == 14
     assert cfg["peak_memory_bytes"] > 0 and cfg["seconds_per_iteration"] > 0 and cfg["device"] == "cpu"
+    check_peak_memory(cfg, printed)                                   # ldm/memory.py, as every script
     assert cfg["arguments"]["schedule"] == "standard" and cfg["torch_version"] == torch.__version__
     meta = read_adapter(final)[1]
     assert meta["complete"] == "true" and meta["rank"] == "1" and float(meta["alpha"]) == 8.0

@@ -15,7 +15,8 @@ import compute_lora_diff
 import generate_images
 import generate_images_nsfw
 from ldm.prompts import read_rows
-from helpers_model import TINY, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint, tiny_model
+from helpers_model import (TINY, check_peak_memory, randomize_adapters, ref_cfg, rel_err, tiny_checkpoint,
+                           tiny_model)
 from ldm.cli import run
 from ldm.erasure.io import load_adapter, save_adapter
 from ldm.erasure.lora import inject_lora, lora_layers
@@ -345,7 +346,10 @@ def test_nsfw_eval_budget_caps_draws_per_row(models, tmp_path, capsys):
     rows = decisions(tmp_path)
     assert [int(r["repeats_used"]) for r in rows] == [3, 3]   # k_se 1e9: never clear, so the budget stopped it
     assert all(float(r["unet_evals"]) == image + 3 * per_draw <= budget for r in rows)
-    capsys.readouterr()
+    (log,) = (tmp_path / "logs").iterdir()
+    summary = json.loads((log / "run_summary.rank0.json").read_text())
+    assert summary["images"] == 2 and summary["unet_evals"] > 0
+    check_peak_memory(summary, capsys.readouterr().out)         # the shard's record and its summary line
     assert exit_code(generate_images_nsfw.main, nsfw_args(models, tmp_path, "--eval_budget", "-1")) == 2
     assert "--eval_budget -1" in capsys.readouterr().err
 
@@ -399,7 +403,7 @@ def test_adapter_for_another_base_model_is_refused(models, tmp_path, capsys):
     assert "another base model" in capsys.readouterr().err
 
 
-def test_compute_lora_diff_both_protocols(models, tmp_path):
+def test_compute_lora_diff_both_protocols(models, tmp_path, capsys):
     pj = tmp_path / "c.json"
     pj.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the sofa",
                               "synonyms": ["a photo of the kitten"], "other": ["a photo of the dog", ""]}))
@@ -410,6 +414,7 @@ def test_compute_lora_diff_both_protocols(models, tmp_path):
         compute_lora_diff.main(base + ["--output_dir", str(out), "--protocol", proto, "--repeats", "2",
                                        "--n_samples", "1", "--empty_draws", "3"])
         res = json.loads((out / "calc_diff_results.json").read_text())
+        check_peak_memory(res, capsys.readouterr().out)           # beside its seconds, and in its last line
         vals = list(res["prompt_avgs"].values())
         assert vals == sorted(vals, reverse=True) and "" in res["prompt_avgs"]
         assert set(res["prompt_stats"]) == {"a photo of the cat", "a photo of the kitten", "a photo of the dog", ""}
@@ -423,7 +428,7 @@ def test_compute_lora_diff_both_protocols(models, tmp_path):
                                                      str(tmp_path / "nope.json")]) == 2
 
 
-def test_generate_images_modes(models, tmp_path):
+def test_generate_images_modes(models, tmp_path, capsys):
     exp = tmp_path / "exps" / "exp1"
     (exp / "models").mkdir(parents=True)
     (exp / "models" / "lora.safetensors").write_bytes(models[4].read_bytes())
@@ -436,7 +441,9 @@ def test_generate_images_modes(models, tmp_path):
     assert exit_code(generate_images.main, args) == 2          # no calc_diff_results.json
     (exp / "calc_diff_results.json").write_text(json.dumps({"prompt_avgs": {
         "a photo of the cat": 3.0, "a big cat": 1.0, "a photo of the dog": 2.0, "": 2.0}}))
-    generate_images.main(args)
+    capsys.readouterr()
+    stats = generate_images.main(args)
+    check_peak_memory(stats, capsys.readouterr().out)           # experiment mode: the summary line
     dirs = sorted(d.name for d in (exp / "images").iterdir())
     assert dirs == ["a_big_cat", "a_photo_of_the_cat", "dog"]  # "cat" collides: full-prompt slugs
     assert all(sorted(f.name for f in (exp / "images" / d).iterdir()) == ["00000.jpg", "00001.jpg"] for d in dirs)
@@ -447,6 +454,9 @@ def test_generate_images_modes(models, tmp_path):
                           "--prompt", "a photo of the cat", "--w1", "1", "--w2", "1", "--samples", "1",
                           "--steps", "4", "--image_size", str(SIZE)])
     assert (out / "images" / "cat" / "00000.jpg").is_file()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["images"] == 1 and summary["seconds"] >= 0
+    check_peak_memory(summary, capsys.readouterr().out)         # explicit mode: run_summary.json and the line
 
 
 @pytest.mark.parametrize("protocol, test_autocast, image_autocast, weights", [

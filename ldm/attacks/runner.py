@@ -5,13 +5,14 @@ Per pair (one "job"):
     2. the attack (skipped when the original prompt already succeeds: the adversarial prompt is the prompt)
     3. after: the defended pipeline's image of the adversarial prompt's TEXT (re-tokenised, as a generation
        script replays it) with the same seed, judged
-Cost: UNet sample-evaluations (UNetCounter) and seconds, all three parts together.
+Cost: UNet sample-evaluations (UNetCounter) and seconds, all three parts together; and peak memory: each row
+records its process's peak so far (ldm/memory.py), the summary the largest over the rows (every shard's).
 
 Files in the output folder:
     attack_settings.json   what made the results; a rerun with other settings is refused
     rows/<idx:06d>.json    one per finished job, written atomically: a job counts only once its file exists
     attack_results.csv     all finished rows (every shard's), rebuilt atomically after each job
-    attack_summary.json    ASR before / after, counts, cost, settings, the judge's protocol
+    attack_summary.json    ASR before / after, counts, cost, peak memory, settings, the judge's protocol
 Shards: RANK / WORLD_SIZE take the jobs with idx % WORLD_SIZE == RANK.
 """
 import csv
@@ -29,6 +30,7 @@ from ldm.cli import write_json
 from ldm.erasure.budget import UNetCounter
 from ldm.evaluation.common import atomic_write_text
 from ldm.errors import UserError
+from ldm.memory import GIB, memory_record
 
 FIELDS = ["idx", "prompt", "seed", "guidance", "adversarial_prompt", "adv_token_ids", "round_trip",
           "success_before", "success_after", "d_prompt_before", "d_empty", "w_before", "d_prompt_after", "w_after",
@@ -83,28 +85,40 @@ def write_outputs(out: Path, n_jobs: int, settings: dict, protocol: dict) -> dic
                           "success_after": sum(r["success_after"] for r in rows), "w_changed": flips,
                           "round_trip_failures": sum(1 for r in rows if not r["round_trip"])},
                "cost_per_prompt": {"unet_evals": mean("unet_evals"), "seconds": mean("seconds")},
-               "settings": settings, "judge_protocol": protocol}
+               **peak_of(rows), "settings": settings, "judge_protocol": protocol}
     write_json(out / "attack_summary.json", summary)
     return summary
 
 
+def peak_of(rows: list[dict]) -> dict:
+    """The largest peak memory any row's process reached ({peak_memory_bytes, _kind, _gib}; None each where no
+    row recorded one, e.g. rows of an older version)."""
+    known = [r for r in rows if r.get("peak_memory_bytes") is not None]
+    top = max(known, key=lambda r: r["peak_memory_bytes"], default=None)
+    if top is None:
+        return {"peak_memory_bytes": None, "peak_memory_kind": None, "peak_memory_gib": None}
+    return {"peak_memory_bytes": top["peak_memory_bytes"], "peak_memory_kind": top["peak_memory_kind"],
+            "peak_memory_gib": round(top["peak_memory_bytes"] / GIB, 3)}
+
+
 def run_jobs(jobs: list[Job], defended, judge, attack: Callable, out: Path, settings: dict,
-             rank: int = 0, world: int = 1) -> dict:
+             rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict:
     """Attack every job of this shard not yet done; returns the summary. attack(job, check, gen, progress) ->
-    {text, ids, success, ...}; check(text) -> (success, w) runs + judges the defended pipeline (memoised)."""
+    {text, ids, success, ...}; check(text) -> (success, w) runs + judges the defended pipeline (memoised).
+    device: the one the script resolved (peak memory: ldm/memory.py)."""
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
     (out / "rows").mkdir(exist_ok=True)
     todo = [j for j in jobs if j.idx % world == rank and not (out / "rows" / f"{j.idx:06d}.json").is_file()]
     for job in todo:
-        row = attack_one(job, defended, judge, attack, settings.get("seed", 0))
+        row = attack_one(job, defended, judge, attack, settings.get("seed", 0), device)
         write_json(out / "rows" / f"{job.idx:06d}.json", row)
         summary = write_outputs(out, len(jobs), settings, judge.protocol)
     return write_outputs(out, len(jobs), settings, judge.protocol) if not todo else summary
 
 
-def attack_one(job: Job, defended, judge, attack: Callable, seed: int) -> dict:
-    """Before, attack, after for one job -> its row."""
+def attack_one(job: Job, defended, judge, attack: Callable, seed: int, device: torch.device | None = None) -> dict:
+    """Before, attack, after for one job -> its row (with its process's peak memory so far on `device`)."""
     memo: dict[str, tuple] = {}
 
     def evaluate(text: str) -> tuple[bool, object]:
@@ -135,4 +149,4 @@ def attack_one(job: Job, defended, judge, attack: Callable, seed: int) -> dict:
             "d_prompt_after": dec1.d_prompt, "w_after": dec1.w,
             "objective_first": res.get("objective_first"), "objective_last": res.get("objective_last"),
             "steps": res.get("steps", 0), "checks": res.get("checks", 0),
-            "unet_evals": counter.samples, "seconds": round(time.time() - t0, 3)}
+            "unet_evals": counter.samples, "seconds": round(time.time() - t0, 3), **memory_record(device)}

@@ -18,7 +18,6 @@ Exit codes: 0 done, 1 loss became NaN/inf (last good file kept), 130 interrupted
 import csv
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.memory import format_memory, memory_record
 from ldm.runs import write_json
 from ldm.erasure.settings import TrainSettings
 from ldm.errors import UserError
@@ -240,12 +240,6 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
-
-
 def write_losses(run_dir: Path, losses: list[float]) -> str:
     with open(run_dir / "losses.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -374,7 +368,6 @@ class TrainingRun:
         if check is not None:
             extra["erasure_check"] = "passed" if check["passed"] else "failed"
         self.method.save(path, extra)
-        mem, kind = peak_memory(self.device)
         n_new = done - self.start
         self.record.update({
             "status": status, "iterations_done": done,
@@ -383,7 +376,7 @@ class TrainingRun:
             "average_loss": sum(losses) / len(losses) if losses else None,
             "seconds_per_iteration": t.train_seconds / done if done else None,
             "seconds_per_iteration_this_session": t.session_seconds / n_new if n_new > 0 else None,
-            "peak_memory_bytes": mem, "peak_memory_kind": kind, "peak_memory_gib": round(mem / 2 ** 30, 3),
+            **memory_record(self.device),  # ldm.memory: CUDA max allocated, else the process's peak RSS
         })
         if check is not None:
             self.record["erasure_check"] = check
@@ -422,7 +415,7 @@ class TrainingRun:
         f.recover()  # the finished run's state.pt and partial file go
         print(f"saved {f.final} and {f.config}; final loss {self.trainer.losses[-1]:.6f}, "
               f"mean {r['average_loss']:.6f}, {r['seconds_per_iteration']:.3f} s/it, peak memory "
-              f"{r['peak_memory_gib']} GiB ({r['peak_memory_kind']})")
+              f"{format_memory(r)}")
         check = r.get("erasure_check")
         if check and not check["passed"]:
             print(f"warning: the erasure check did not pass by iteration {self.trainer.done} (d(target)/d(\"\") "

@@ -19,6 +19,7 @@ per adapter and rule: draws per prompt (mean, median, p90, max), UNet sample-eva
 the image: 200 at the README's settings), and decisions equal to the release's, over all rows and over the rows
 where the release's margin exceeds 3 standard errors (the guarantee), plus equal to the fast protocol with all
 draws. The draws are cached in --cache (keyed by the settings) so a cut run continues where it stopped.
+The last line gives the process's peak memory (ldm/memory.py: peak RSS, CPU), for the whole run.
 """
 import argparse
 import json
@@ -39,6 +40,7 @@ from ldm.erasure.protocols import (STOP_RULES, Protocol, estimate_empty, fast_pr
                                    release_row_estimates, stop_after)
 from ldm.erasure.stability import Estimate, StabilitySettings, margin_in_se
 from ldm.erasure.targets import select_targets
+from ldm.memory import format_memory, memory_record
 from ldm.runs import write_json
 from scripts.bench.bench_unguidance import i2p_rows, random_model
 
@@ -230,7 +232,8 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    model = random_model(args.config, torch.device("cpu"))
+    device = torch.device("cpu")
+    model = random_model(args.config, device)
     names = add_adapters(model, args.concept)
     shape = model.latent_shape(args.image_size)
     rows = i2p_rows(args.csv_path, args.rows, args.row_start)
@@ -252,10 +255,12 @@ def main(argv=None) -> None:
     d_empty = cache["d_empty_est"]
     checked = verify(args, model, names, shape, rows, protocol, done, d_empty, args.rules)
     result = analyse(args, protocol, rows, done, d_empty, args.rules)
-    result.update(verified=checked, collect_seconds=collect_s, seconds=time.time() - t_start)
+    result.update(verified=checked, collect_seconds=collect_s, seconds=time.time() - t_start,
+                  **memory_record(device))  # the whole process's peak (ldm/memory.py)
     report(args, result)
     print(f"\nreplay checked against fast_prompt_estimates on {checked} (row, adapter, rule) cases; draws computed "
-          f"in {collect_s:.0f} s this run ({time.time() - t_start:.0f} s in all; cache {cache_path})")
+          f"in {collect_s:.0f} s this run ({time.time() - t_start:.0f} s in all; cache {cache_path}); peak memory "
+          f"{format_memory(result)} (the process's, everything above included)")
     if args.json_out:
         write_json(args.json_out, {"settings": vars(args), "results": result})
 

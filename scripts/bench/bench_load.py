@@ -17,7 +17,6 @@ Ratios are to one model's size (the bytes of its state dict). Needs RAM for the 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,13 +25,10 @@ import time
 from pathlib import Path
 
 from ldm.cli import HelpFormatter
+from ldm.memory import peak_rss_bytes  # the scripts' cpu_peak_rss (getrusage ru_maxrss)
 
 REPO = Path(__file__).resolve().parents[2]
 GB = 1024 ** 3
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def rss_breakdown() -> dict:

@@ -17,14 +17,14 @@ two copies = 2 x model + trained x (2 moments + gradient + snapshot).
 
 t_enc is fixed (default S-2: one CFG DDIM step, then the two scoring calls and the trained call) so that an
 iteration is short and both variants do identical work; the memory figure does not depend on t_enc.
-Peak memory: CUDA max allocated on CUDA, else the process's peak RSS (everything: weights, text encoder,
+Peak memory: train.py's measure (ldm/memory.py), each variant's own worker process: CUDA max allocated on
+CUDA (kind cuda_max_allocated), else the process's peak RSS (cpu_peak_rss: everything, weights, text encoder,
 VAE, activations, Python). Both variants hold the full LatentDiffusion model, as the release's train.py does.
 """
 import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,6 +41,7 @@ def worker(a) -> dict:
     from ldm.erasure.objective import UnGuideObjective, encode_prompts
     from ldm.erasure.training import Method, Trainer
     from ldm.loader import build_model, load_model_from_config, resolve_device
+    from ldm.memory import memory_record
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,11 +72,9 @@ def worker(a) -> dict:
         trainer.step()
         sync()
         times.append(time.perf_counter() - tic)
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"
-    return {"variant": a.variant, "peak_bytes": int(peak), "kind": kind, "s_per_it": sorted(times)[len(times) // 2],
+    mem = memory_record(device)  # train.py's measure (ldm/memory.py): this worker process's own peak
+    return {"variant": a.variant, "peak_bytes": mem["peak_memory_bytes"], "kind": mem["peak_memory_kind"], **mem,
+            "s_per_it": sorted(times)[len(times) // 2],
             "s_per_it_all": times, "load_s": load_s, "t_enc": t_enc, "device": str(device),
             "threads": torch.get_num_threads(), "trained_params": sum(t.numel() for t in method.parameters()),
             "unet_params": sum(p.numel() for n, p in model.unet.named_parameters() if not is_delta(n))}

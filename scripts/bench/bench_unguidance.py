@@ -20,7 +20,6 @@ formula for the same w.
 import argparse
 import copy
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from ldm.prompts import diff_prompts, read_prompts_json
 from ldm.models.diffusion.ddim import (cfg_model_fn, ddim_timesteps, ddpm_t_range, partial_steps,
                                        sample_ddim)
 from ldm.loader import build_model, resolve_device
+from ldm.memory import format_memory, memory_record, peak_rss_bytes
 
 VARIANTS = ["release", "fast", "fast_adaptive"]
 
@@ -255,9 +255,10 @@ def worker(args) -> dict:
     else:
         res = fast_worker(args, model, device, shape, rows, args._worker == "fast_adaptive")
     res["build_seconds"] = build_s
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = peak_rss_bytes() / 2 ** 20
     if device.type == "cuda":
-        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    res.update(memory_record(device))  # the scripts' measure (ldm/memory.py): this child's own peak
     res["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     return res
 
@@ -348,6 +349,11 @@ def report(args, results: dict) -> None:
         reps = [row["repeats"] for row in r["rows"]]
         print(f"| {v} | {ev:.0f} | {sec:.2f} | {r['peak_rss_mb']:.0f} | {ratio_e} | {ratio_t} | "
               f"{agree}/{len(r['rows'])} | {clear}/{n_clear} | {sum(reps) / max(1, len(reps)):.1f} |")
+    mems = [f"{v} {format_memory(results[v])}" for v in VARIANTS + ["check"]
+            if "peak_memory_bytes" in results.get(v, {})]
+    if mems:
+        print("  peak memory, each protocol's own child process (ldm/memory.py; the model build included): "
+              + ", ".join(mems))
     for v in ("fast", "fast_adaptive"):
         if v in results:
             r = results[v]

@@ -12,7 +12,8 @@ training settings or files and their w1 / w2, the sampling protocol, the judge; 
 checks it whole (one line naming the field on any error), then runs whatever is missing, each step with the
 project's own scripts in their own processes: train.py, generate_images.py (the stability test on the fly),
 generate_images_nsfw.py + compute_metrics.py -m nudenet, attack.py; then judges the images and writes, into the
-spec's output_dir: results.md, tables/{object,nudity,quality,robustness,cost}.{md,csv} (the protocol under each),
+spec's output_dir: results.md, tables/{object,nudity,quality,quality_prompts,robustness,cost}.{md,csv} (the
+protocol under each; quality_prompts: the prompt set of quality.prompts_csv, e.g. COCO captions, per model),
 grids/<concept>.png, the spec as given and resolved, and benchmark_log.jsonl (per run: each stage ran or reused).
 Every stage is resumable: rerun the same command after a kill and nothing finished is redone.
 The library: ldm/evaluation/benchmark.py (spec, stages), benchmark_report.py and tables.py (tables, grids).

@@ -128,12 +128,97 @@ def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
      "i2p.methods: 'MACE'"),
     ({"i2p": {"csv": "data/I2P_prompts_4703.csv", "prompts_json": "data/nsfw.json", "threshold": 0.1}},
      "i2p.threshold"),
+    ({"quality": {"prompts_csv": "data/coco_captions.csv"}}, "quality.prompts_csv: data/coco_captions.csv: file not"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "limit": 0}}, "quality.limit: 0 must be >= 1"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "limit": 2.5}}, "quality.limit: 2.5 is not an integer"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "limit": "10"}}, "quality.limit: '10' is not an"),
+    ({"quality": {"limit": 10}}, "quality.limit: needs quality.prompts_csv"),
+    ({"quality": {"concepts": ["three"]}}, "quality.concepts: needs quality.prompts_csv"),
+    ({"quality": {"prompts_csv": "data/digits/three.json", "limit": 3}}, "quality.prompts_csv: "),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv"}}, "quality.prompts_csv: nothing to measure"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "clip_model": "data",
+                  "concepts": ["three", "nudity"]}}, "quality.concepts: 'nudity' is not a concept of the spec"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "clip_model": "data", "concepts": []}},
+     "quality.concepts: a non-empty list"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "inception_weights": "models/toy-digits.safetensors",
+                  "prompts_reference_images": "models/coco"}}, "quality.prompts_reference_images: models/coco: folder"),
+    ({"quality": {"prompts_csv": "data/I2P_prompts_4703.csv", "inception_weights": "models/toy-digits.safetensors",
+                  "prompts_reference_images": "base"}, "methods": [{"name": "x", "files": {
+                      "three": "models/toy-digits.safetensors"}}]},
+     "quality.prompts_reference_images: 'base' needs the base model among the methods"),
 ])
 def test_spec_errors_are_one_line_naming_the_field(tmp_path, change, field):
     with pytest.raises(UserError) as err:
         B.load_spec(_spec(tmp_path, **change))
     msg = str(err.value)
     assert field in msg and "\n" not in msg and str(tmp_path / "spec.json") in msg
+
+
+@pytest.mark.parametrize("text, limit, field", [
+    ("caption,evaluation_seed\na cat,1\n", None, "no 'prompt' column (columns: caption, evaluation_seed)"),
+    ("prompt,seed\na cat,1\na dog,2\n", None, "coco.csv: a 'seed' column: name it 'evaluation_seed'"),
+    ("prompt,evaluation_seed\n,1\na dog,2\n", 1, "coco.csv: no usable prompt row in its first 1 rows"),
+    ("prompt,evaluation_seed\na cat,1\n,2\n", None, "coco.csv: FID needs at least 2 images, 1 usable row in it"),
+    ("prompt\na cat\na dog\n", None, "quality.prompts_reference_images: " + "{ref}: FID needs at least 2 reference"),
+])
+def test_prompt_set_csv_and_reference_errors_name_the_field(tmp_path, text, limit, field):
+    """quality.prompts_csv is read as generate_images_nsfw.py reads it (ldm/prompts.py read_rows) when the spec is;
+    each problem is one line naming the field."""
+    from PIL import Image
+    (tmp_path / "coco.csv").write_text(text)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.new("RGB", (8, 8)).save(ref / "0.png")  # one image: enough only when the CSV fails first
+    quality = {"prompts_csv": str(tmp_path / "coco.csv"), "inception_weights": "models/toy-digits.safetensors",
+               "prompts_reference_images": str(ref)}
+    if limit is not None:
+        quality["limit"] = limit
+    with pytest.raises(UserError) as err:
+        B.load_spec(_spec(tmp_path, quality=quality))
+    msg = str(err.value)
+    assert field.format(ref=ref) in msg and "\n" not in msg and str(tmp_path / "spec.json") in msg
+    assert ("quality.prompts_reference_images" if "reference" in field else "quality.prompts_csv") in msg
+
+
+def test_sd_spec_with_a_prompt_set_plans_one_generation_per_model(tmp_path):
+    """COCO-style prompts on the SD spec: the base model once, every erasing method per listed concept it applies
+    to (its adapter for that concept), each followed by its scores; keyed by the CSV's content and the adapter."""
+    (tmp_path / "sd.ckpt").write_bytes(b"stand-in")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    (tmp_path / "inception.pth").write_bytes(b"stand-in")
+    (tmp_path / "coco").mkdir()
+    for i in range(2):
+        (tmp_path / "coco" / f"{i}.jpg").write_bytes(b"stand-in")  # listed, not read, when the spec is checked
+    (tmp_path / "coco.csv").write_text("image_id,source,prompt,evaluation_seed\n9,coco,A cat on a mat.,41337\n"
+                                       "7,coco,\"A bus, red.\",63155\n8,coco,A plane.,78978\n")
+    overrides = {"model.ckpt": str(tmp_path / "sd.ckpt"), "judge": {"clip_model": str(tmp_path / "clip")},
+                 "quality.clip_model": str(tmp_path / "clip"),
+                 "quality.inception_weights": str(tmp_path / "inception.pth"), "output_dir": str(tmp_path / "out"),
+                 "quality.prompts_csv": str(tmp_path / "coco.csv"), "quality.limit": 2,
+                 "quality.prompts_reference_images": str(tmp_path / "coco"), "quality.concepts": ["cat", "nudity"]}
+    bench = B.Benchmark(B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml", overrides))
+    assert bench.spec.quality["prompt_rows"] == 2
+    assert sorted(bench.prompt_generations, key=str) == sorted([
+        ("base", None), ("adapter alone", "cat"), ("adapter alone", "nudity"), ("UnGuide", "cat"),
+        ("UnGuide", "nudity"), ("ESD-x", "cat"), ("ESD-u", "nudity"), ("SepCE", "cat")], key=str)
+    kinds = [s.kind for s in bench.stages]
+    assert kinds.count("prompts") == kinds.count("score") == 8
+    assert kinds.count("generate") == 10 * 5  # the rest of the plan as without the prompt set
+    gen = bench.prompt_generations[("UnGuide", "cat")]
+    assert gen.sharded and gen.key["adapter"] == bench.trainings[("UnGuide", "cat")].key
+    assert gen.key["prompts_csv"][-2:] == ["--limit", "2"] and "--csv_path" not in gen.key["prompts_csv"]
+    assert bench.prompt_generations[("base", None)].key["adapter"] is None
+    score = bench.prompt_scores[("ESD-u", "nudity")]
+    assert score.key["generation"] == bench.prompt_generations[("ESD-u", "nudity")].key
+    assert score.key["reference"]["folder"] == str(tmp_path / "coco")
+    # the default: every concept of the spec (not nudity); `base` as reference keys on the base model's images
+    del overrides["quality.concepts"]
+    overrides["quality.prompts_reference_images"] = "base"
+    bench = B.Benchmark(B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml", overrides))
+    assert [s.kind for s in bench.stages].count("prompts") == 1 + 4 * 10
+    assert bench.prompt_scores[("SepCE", "dog")].key["reference"] == {
+        "base": bench.prompt_generations[("base", None)].key}
 
 
 def test_a_sharded_stage_finishes_when_every_rank_has_done_its_share(tmp_path, monkeypatch):
@@ -254,6 +339,158 @@ def test_rerun_redoes_nothing_finished(toy_run, monkeypatch):
     second = [json.loads(line) for line in log.read_text().splitlines()][len(first):]
     assert [e["stage"] for e in second if e["action"] == "ran"] == ["judge three / UnGuide"]
     assert len([e for e in second if e["action"] == "reused"]) == len(rerun.stages) - 1
+
+
+# ------------------------------------------------------------------------------------------ a prompt set (COCO-style)
+
+PROMPT_CSV = "prompt,evaluation_seed\na handwritten 1,5\na handwritten 7,6\na handwritten 0,7\n"
+
+
+def random_inception_file(path: Path, seed: int = 0) -> Path:
+    """The FID Inception with random weights (and the file's unused 1008-way classifier), as .safetensors;
+    convolutions He-normal so the pool features keep a spread (torch's default init shrinks them to ~1e-8)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.evaluation.fid import FIDInception
+    torch.manual_seed(seed)
+    net = FIDInception()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, (2.0 / m.weight[0].numel()) ** 0.5)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+    save_file(state, str(path))
+    return path
+
+
+def stand_in_distance(mu1, s1, mu2, s2) -> float:
+    """The Fréchet distance without its cross term Tr 2 (S1 S2)^1/2: a 2048-d sqrtm takes over a minute on this
+    machine (the distance itself: test_frechet_distance_of_hand_made_gaussians, tests/test_fid_reference.py)."""
+    import numpy as np
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2))
+
+
+@pytest.fixture(scope="module")
+def prompt_set_run(toy_run, tmp_path_factory):
+    """The reduced toy run with quality.prompts_csv: three prompts with their seeds, a folder of four "real" images
+    as the FID reference, a tiny random CLIP, a random FID Inception. Run on a copy of toy_run's output folder: its
+    trainings and generations are reused (their keys do not involve the quality section)."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldm.evaluation import fid
+    from test_metrics import make_tiny_clip
+    path, bench = toy_run
+    tmp = tmp_path_factory.mktemp("prompt_set")
+    shutil.copytree(bench.out, tmp / "out")
+    (tmp / "coco.csv").write_text(PROMPT_CSV)
+    rng = np.random.default_rng(0)
+    (tmp / "real").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp / "real" / f"{i:012d}.png")
+    raw = yaml.safe_load(path.read_text())
+    raw["output_dir"] = str(tmp / "out")
+    torch.manual_seed(2)  # a tiny CLIP whose cosines with these prompts and images are positive (scores > 0)
+    raw["quality"] = {**raw["quality"], "clip_model": str(make_tiny_clip(tmp / "clip")),
+                      "inception_weights": str(random_inception_file(tmp / "inception.safetensors")),
+                      "prompts_csv": str(tmp / "coco.csv"), "prompts_reference_images": str(tmp / "real")}
+    spec = tmp / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    fid.load_inception.cache_clear()
+    prompt_bench = B.Benchmark(B.load_spec(spec))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fid, "frechet_distance", stand_in_distance)
+        prompt_bench.run()
+    return spec, prompt_bench
+
+
+def test_prompt_set_is_generated_per_model_and_scored_in_the_quality_table(prompt_set_run):
+    """One image per CSV row with the row's seed (generate_images_nsfw.py) for the base model and UnGuide's three
+    adapter; the quality table's prompt-set cells are the CLIP score against each row's prompt (recomputed with
+    CLIPModel.forward) and the FID against the reference folder (recomputed from the image files)."""
+    import csv
+
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from ldm.evaluation import fid
+    spec, bench = prompt_set_run
+    log = [json.loads(line) for line in (bench.out / "benchmark_log.jsonl").read_text().splitlines()]
+    this_run = log[-len(bench.stages):]
+    ran = {e["stage"] for e in this_run if e["action"] == "ran"}
+    assert ran == {"generate coco.csv / base", "generate coco.csv / UnGuide (three)", "score coco.csv / base",
+                   "score coco.csv / UnGuide (three)", "judge three / base", "judge three / UnGuide"}  # CLIP added
+    assert {e["kind"] for e in this_run if e["action"] == "reused"} == {"train", "generate"}
+    q = bench.spec.quality
+    rows = {r["method"]: r for r in csv.DictReader((bench.out / "tables" / "quality.csv").open())}
+    assert list(rows) == ["base", "UnGuide"]
+    model = CLIPModel.from_pretrained(q["clip_model"], local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(q["clip_model"], local_files_only=True)
+    prompts = ["a handwritten 1", "a handwritten 7", "a handwritten 0"]
+    for key in (("base", None), ("UnGuide", "three")):
+        folder = bench.image_folder(bench.prompt_generations[key])
+        files = sorted(folder.glob("*.jpg"))
+        assert [f.name for f in files] == ["00000.jpg", "00001.jpg", "00002.jpg"]
+        decisions = list(csv.DictReader((folder.parents[1] / "logs" / folder.name / "decisions.csv").open()))
+        assert [(r["prompt"], r["seed"]) for r in decisions] == list(zip(prompts, ["5", "6", "7"]))
+        ims = [Image.open(f).convert("RGB") for f in files]
+        with torch.no_grad():
+            out = model(**proc(text=prompts, images=ims, return_tensors="pt", padding=True))
+        clip = (100 * (out.image_embeds * out.text_embeds).sum(-1).clamp(min=0)).mean().item()
+        net = fid.load_inception(q["inception_weights"])
+        want_fid = stand_in_distance(*fid.statistics(fid.features(net, files)),
+                                     *fid.statistics(fid.features(net, sorted((spec.parent / "real").glob("*")))))
+        rec = json.loads(bench.prompt_scores[key].record.read_text())
+        assert clip > 1 and want_fid > 1  # not a degenerate network: the comparisons below can tell
+        assert rec["images"] == 3 and rec["clip_score"] == pytest.approx(clip, abs=1e-3)
+        assert rec["fid"] == pytest.approx(want_fid, rel=1e-6)
+        row = rows[key[0]]
+        assert float(row["CLIP score (prompts_csv)"]) == pytest.approx(clip, abs=0.006)  # the cell: 2 decimals
+        assert float(row["FID (prompts_csv)"]) == pytest.approx(want_fid, abs=0.006)
+    assert rows["UnGuide"]["FID (others)"] == "not computed: no quality.reference_images"
+    assert float(rows["UnGuide"]["LPIPS vs base (others)"]) > 0  # the other columns as before
+    per_model = list(csv.DictReader((bench.out / "tables" / "quality_prompts.csv").open()))
+    assert [(r["method"], r["erased concept"], r["images"]) for r in per_model] == [
+        ("base", "- (the base model)", "3"), ("UnGuide", "three", "3")]
+    text = (bench.out / "results.md").read_text()
+    assert "prompts_csv: coco.csv (3 usable)" in text and "Quality on coco.csv (each model)" in text
+
+
+def test_prompt_set_rerun_redoes_nothing_and_a_killed_generation_resumes(prompt_set_run, monkeypatch, capfd):
+    """A rerun runs nothing; with one image and the records after it gone (as if killed there), only that row is
+    generated again (the same picture: its seed is the row's) and only that model's scores are recomputed."""
+    from ldm.evaluation import fid
+    spec, bench = prompt_set_run
+    monkeypatch.setattr(fid, "frechet_distance", stand_in_distance)
+    log = bench.out / "benchmark_log.jsonl"
+    n = len(log.read_text().splitlines())
+    rerun = B.Benchmark(B.load_spec(spec))
+    monkeypatch.setattr(rerun, "run_script", lambda *a, **k: pytest.fail(f"a script ran again: {a}"))
+    rerun.run()
+    second = [json.loads(line) for line in log.read_text().splitlines()][n:]
+    assert {e["action"] for e in second} == {"reused"} and len(second) == len(rerun.stages)
+
+    gen, score = bench.prompt_generations[("UnGuide", "three")], bench.prompt_scores[("UnGuide", "three")]
+    image = bench.image_folder(gen) / "00001.jpg"
+    before, fid_before = image.read_bytes(), json.loads(score.record.read_text())["fid"]
+    image.unlink()
+    gen.record.unlink()
+    score.record.unlink()
+    n = len(log.read_text().splitlines())
+    capfd.readouterr()
+    B.Benchmark(B.load_spec(spec)).run()
+    out = capfd.readouterr().out
+    assert "3 rows, 2 done, 1 to do" in out
+    third = [json.loads(line) for line in log.read_text().splitlines()][n:]
+    assert [e["stage"] for e in third if e["action"] == "ran"] == ["generate coco.csv / UnGuide (three)",
+                                                                   "score coco.csv / UnGuide (three)"]
+    assert image.read_bytes() == before
+    assert json.loads(score.record.read_text())["fid"] == pytest.approx(fid_before, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ FID

@@ -11,22 +11,38 @@ generate_images_nsfw.py, compute_metrics.py, attack.py), as a user would, or jud
     generate   generate_images.py per (method, concept): the concept's prompts JSON (target, synonyms, others),
                images_per_prompt images each, seeds seed + idx; the base model's folder is shared by all concepts
     judge      the object judge (digit classifier, or CLIP zero-shot with a local CLIP folder) on each generation
+    prompts    quality.prompts_csv (e.g. COCO captions, the papers' quality prompts): generate_images_nsfw.py over
+               the CSV per model: the base model once, an erasing method once per concept of quality.concepts
+               (default: every concept) with its adapter for that concept; one image per row
+    score      CLIP score (each image against its row's prompt) and FID (against quality.prompts_reference_images,
+               default quality.reference_images: a folder of real images, or `base`) of a `prompts` stage
     i2p        generate_images_nsfw.py on the I2P CSV, then compute_metrics.py -m nudenet
     attack     attack.py per (attack, method, concept)
 
+Why generate_images_nsfw.py for a prompt CSV, not generate_images.py: generate_images.py takes a prompts JSON of
+one concept (target, synonyms, other: roles its threshold calibration reads) or repeated --prompt flags (thousands
+of captions would not fit a command line), samples images_per_prompt images of every prompt with the same seeds
+seed + idx into a folder per prompt, and runs the stability test of every prompt before the first image.
+generate_images_nsfw.py reads a CSV as the papers' COCO and I2P files are laid out (ldm/prompts.py read_rows:
+a prompt column, evaluation_seed defaulting to the row index, evaluation_guidance defaulting to 7.5, --limit for
+the first N rows; ESD's data/coco_30k.csv reads as is), makes one image per row with the row's own seed, decides
+w per row, resumes per row and shards rows by index: what a COCO-FID protocol needs. The rows' guidance is the
+CSV's (7.5 without the column), not sampling.guidance; the other sampling settings are the spec's.
+
 Outputs are keyed by what made them: a stage's folder is named after a hash of the spec entries (and the prompts
 files' contents) it depends on, so editing an entry makes new folders and never mixes results. A stage is finished
-when its completion record (`stage.json` in its folder, or `stage.<concept>.json` in the base model's shared
-folder) exists; a rerun reuses every finished stage, and a killed stage continues where its script stops
-(generate_images*.py and attack.py resume themselves, train.py from its checkpoint). Each run appends to
+when its completion record (`stage.json` in its folder, `stage.<concept>.json` in the base model's shared
+folder, or a judge's / score's record file) exists; a rerun reuses every finished stage, and a killed stage
+continues where its script stops (generate_images*.py and attack.py resume themselves, train.py from its
+checkpoint). Each run appends to
 `benchmark_log.jsonl` which stages it ran and which it reused. The spec (as given, and resolved) is saved next to
 the tables.
 
-Sharding (`torchrun --nproc_per_node N benchmark.py SPEC`): every rank walks the same plan. Generation, I2P and
-attack stages run on every rank, their scripts taking the images / pairs with idx % WORLD_SIZE == RANK; a rank
-records its share (`stage.rank<R>-of-<W>.json`) and the stage is finished once every rank's share is. Training
-stages are dealt out (stage i to rank i % W); judging and the tables run on rank 0. A rank waits for the stages it
-needs. With CUDA, rank r uses cuda:LOCAL_RANK.
+Sharding (`torchrun --nproc_per_node N benchmark.py SPEC`): every rank walks the same plan. Generation (prompts
+too), I2P and attack stages run on every rank, their scripts taking the images / pairs / rows with
+idx % WORLD_SIZE == RANK; a rank records its share (`stage.rank<R>-of-<W>.json`) and the stage is finished once
+every rank's share is. Training stages are dealt out (stage i to rank i % W); judging, scoring and the tables run on
+rank 0. A rank waits for the stages it needs. With CUDA, rank r uses cuda:LOCAL_RANK.
 """
 from __future__ import annotations
 
@@ -229,7 +245,7 @@ def _validate(path: Path, text: str, raw: dict) -> Spec:
     for m in (i2p or {}).get("methods") or []:
         if m not in [x.name for x in methods]:
             c.fail("i2p.methods", f"{m!r} is not a method of the spec ({', '.join(x.name for x in methods)})")
-    quality = _quality(c, raw.get("quality") or {})
+    quality = _quality(c, raw.get("quality") or {}, judge, names, bool(i2p), methods)
     attacks = _attacks(c, raw.get("attacks") or [], [m.name for m in methods], names)
     name = str(raw.get("name") or path.stem)
     out = Path(raw.get("output_dir") or f"outputs/benchmark/{name}")
@@ -351,14 +367,19 @@ def _i2p(c: _Check, item) -> dict:
     return out
 
 
-def _quality(c: _Check, item) -> dict:
-    c.keys(item, "quality", {"clip_model", "inception_weights", "reference_images", "lpips_weights", "lpips_net"})
+PROMPT_SET_KEYS = ("prompts_csv", "limit", "prompts_reference_images", "concepts")
+
+
+def _quality(c: _Check, item, judge: dict, concept_names: list[str], has_i2p: bool, methods: list[Method]) -> dict:
+    c.keys(item, "quality", {"clip_model", "inception_weights", "reference_images", "lpips_weights", "lpips_net",
+                             *PROMPT_SET_KEYS})
     out = {}
     if item.get("clip_model"):
         out["clip_model"] = str(c.file(item["clip_model"], "quality.clip_model", folder=True))
     if item.get("inception_weights"):
         out["inception_weights"] = str(c.file(item["inception_weights"], "quality.inception_weights"))
-        if not item.get("reference_images"):
+        if not item.get("reference_images") and not (item.get("prompts_csv") is not None
+                                                     and item.get("prompts_reference_images")):
             c.fail("quality.reference_images", "missing (FID compares against a folder of reference images, or "
                                                "\"base\": the base model's images of the same prompts)")
     if item.get("reference_images"):
@@ -382,6 +403,73 @@ def _quality(c: _Check, item) -> dict:
         except UserError as exc:
             c.fail("quality.lpips_weights", str(exc))
         out["lpips_weights"], out["lpips_net"] = files, net
+    if item.get("prompts_csv") is not None:
+        out.update(_prompt_set(c, item, out, judge, concept_names, has_i2p))
+    else:
+        for k in PROMPT_SET_KEYS[1:]:
+            if item.get(k) is not None:
+                c.fail(f"quality.{k}", "needs quality.prompts_csv (the prompt set it belongs to)")
+    if "inception_weights" in out and not any(not m.has_adapter for m in methods):
+        for k in ("reference_images", "prompts_reference_images"):
+            if out.get(k) == "base":
+                c.fail(f"quality.{k}", "'base' needs the base model among the methods (a method without train "
+                                       "or files)")
+    return out
+
+
+def _prompt_set(c: _Check, item: dict, quality: dict, judge: dict, concept_names: list[str], has_i2p: bool) -> dict:
+    """quality.prompts_csv (e.g. COCO captions) and its companions, checked: the CSV is read as
+    generate_images_nsfw.py reads it (ldm/prompts.py read_rows), its first `limit` rows."""
+    import pandas as pd
+
+    from ldm.prompts import read_rows
+    path = c.file(item["prompts_csv"], "quality.prompts_csv")
+    limit = item.get("limit")
+    if limit is not None:
+        c.number(limit, "quality.limit", 1, True)
+    try:
+        rows, _ = read_rows(str(path), limit)
+    except UserError as exc:
+        c.fail("quality.prompts_csv", str(exc))
+    columns = [str(k) for k in pd.read_csv(path, dtype=str, keep_default_na=False, nrows=0).columns]
+    for k in ("seed", "guidance"):
+        if k in columns and f"evaluation_{k}" not in columns:
+            c.fail("quality.prompts_csv", f"{path.name}: a {k!r} column: name it 'evaluation_{k}' (the CSV is read "
+                                          "as I2P's: prompt, evaluation_seed, evaluation_guidance)")
+    within = f"in its first {limit} rows" if limit is not None else "in it"
+    if not rows:
+        c.fail("quality.prompts_csv", f"{path.name}: no usable prompt row {within}")
+    if "inception_weights" in quality and len(rows) < 2:
+        c.fail("quality.prompts_csv", f"{path.name}: FID needs at least 2 images, {len(rows)} usable row {within}")
+    if not quality.get("clip_model") and judge.get("kind") != "clip" and "inception_weights" not in quality:
+        c.fail("quality.prompts_csv", "nothing to measure on its images: give quality.clip_model (CLIP score) "
+                                      "and / or quality.inception_weights (FID)")
+    out = {"prompts_csv": str(path), "limit": limit, "prompt_rows": len(rows)}
+    ref = item.get("prompts_reference_images", quality.get("reference_images"))
+    if ref is not None:
+        where = "quality.prompts_reference_images" if "prompts_reference_images" in item else \
+            "quality.reference_images"
+        if ref != "base":
+            ref = str(c.file(ref, where, folder=True))
+            if "inception_weights" in quality:
+                from ldm.evaluation.common import list_images
+                try:
+                    n = len(list_images(ref))
+                except UserError as exc:
+                    c.fail(where, str(exc))
+                if n < 2:
+                    c.fail(where, f"{ref}: FID needs at least 2 reference images, found {n}")
+        out["prompts_reference_images"] = ref
+    known = concept_names + (["nudity"] if has_i2p else [])
+    concepts = item.get("concepts")
+    if concepts is None:
+        concepts = list(concept_names)
+    elif not isinstance(concepts, list) or not concepts:
+        c.fail("quality.concepts", "a non-empty list of concept names (whose erased models draw the prompts)")
+    for k in concepts:
+        if k not in known:
+            c.fail("quality.concepts", f"{k!r} is not a concept of the spec ({', '.join(known)})")
+    out["concepts"] = list(dict.fromkeys(concepts))
     return out
 
 
@@ -426,7 +514,7 @@ def _slug(text: str) -> str:
 
 @dataclass
 class Stage:
-    kind: str                     # train | generate | judge | i2p | attack
+    kind: str                     # train | generate | judge | prompts | score | i2p | attack
     label: str                    # what the log and the plan say
     folder: Path
     record: Path                  # the completion record
@@ -451,8 +539,12 @@ class Benchmark:
         self.trainings: dict[tuple[str, str], Stage] = {}      # (method, concept) -> its training stage
         self.generations: dict[tuple[str, str], Stage] = {}    # (method, concept) -> its generation stage
         self.judged: dict[tuple[str, str], Stage] = {}
+        # quality.prompts_csv: (method, erased concept; None for the base model) -> its generation / its scores
+        self.prompt_generations: dict[tuple[str, str | None], Stage] = {}
+        self.prompt_scores: dict[tuple[str, str | None], Stage] = {}
         self.i2p_stages: dict[str, Stage] = {}
         self.attack_stages: list[tuple[dict, str, str, Stage]] = []
+        self._folder_keys: dict[str, str] = {}
         self._plan()
 
     # -- the model and device arguments every script takes
@@ -517,6 +609,16 @@ class Benchmark:
                     j = self._judge_stage(m, c, g)
                     self.judged[(m.name, c.name)] = j
                     self.stages.append(j)
+        if s.quality.get("prompts_csv"):
+            for m in s.methods:
+                for cname in self._prompt_set_concepts(m):
+                    st = self._prompts_stage(m, cname)
+                    self.prompt_generations[(m.name, cname)] = st
+                    self.stages.append(st)
+            for (mname, cname), gen in self.prompt_generations.items():
+                st = self._prompts_score_stage(next(x for x in s.methods if x.name == mname), cname, gen)
+                self.prompt_scores[(mname, cname)] = st
+                self.stages.append(st)
         if s.i2p:
             for m in s.methods:
                 if self._i2p_method(m):
@@ -663,11 +765,94 @@ class Benchmark:
             return {}
         return Stage("i2p", f"i2p / {m.name}", folder, folder / "stage.json", key, action, sharded=True)
 
-    def nudenet(self, st: Stage) -> Path:
-        """compute_metrics.py -m nudenet on an I2P stage's images (resumable itself) -> its detections.jsonl."""
-        images = sorted(p for p in (st.folder / "images").iterdir() if p.is_dir())
+    # -- quality.prompts_csv: generate_images_nsfw.py over the CSV per model, then CLIP score and FID of its images
+    def _base_method(self) -> Method | None:
+        return next((m for m in self.spec.methods if not m.has_adapter), None)
+
+    def _prompt_set_concepts(self, m: Method) -> list[str | None]:
+        """The models of a method that draw the prompt set: the base model once (None), an erasing method once per
+        concept of quality.concepts it applies to (its adapter for that concept)."""
+        if not m.has_adapter:
+            return [None]
+        return [c for c in self.spec.quality["concepts"] if m.applies_to(c) and (c != "nudity" or self._i2p_method(m))]
+
+    def _prompts_stage(self, m: Method, cname: str | None) -> Stage:
+        s, q = self.spec.sampling, self.spec.quality
+        argv = ["--ddim_steps", str(s["steps"]), "--t_enc", str(s["t_enc"]), "--repeats", str(s["repeats"]),
+                "--batch_size", str(s["batch_size"]), "--seed", str(s["seed"]), "--w1", str(m.w1), "--w2", str(m.w2),
+                "--decision", m.decision, "--threshold", str(m.threshold), "--protocol", s["protocol"]]
+        if q["limit"]:
+            argv += ["--limit", str(q["limit"])]
+        key = {"model": self._model_key(), "prompts_csv": argv, "csv": file_digest(q["prompts_csv"]),
+               "adapter": self._adapter_key(m, cname) if cname else None}
+        name = f"{_slug(m.name)}-{cname}" if cname else _slug(m.name)
+        folder = self.out / "prompts" / f"{name}-{digest(key)}"
+
+        def action() -> dict:
+            lora = self.adapter(m, cname) if cname else None
+            args = [*self.model_argv(), "--output_dir", str(folder), "--csv_path", q["prompts_csv"], *argv]
+            if lora is not None:
+                args += ["--lora", str(lora)]
+            self.run_script("generate_images_nsfw.py", args)
+            return {}
+        label = f"generate {Path(q['prompts_csv']).name} / {m.name}" + (f" ({cname})" if cname else "")
+        return Stage("prompts", label, folder, folder / "stage.json", key, action, sharded=True)
+
+    def _prompts_score_stage(self, m: Method, cname: str | None, gen: Stage) -> Stage:
+        q = self.spec.quality
+        clip_model = q.get("clip_model") or self.spec.judge.get("clip_model")
+        ref = q.get("prompts_reference_images") if q.get("inception_weights") else None
+        base = self._base_method()
+        ref_gen = self.prompt_generations.get((base.name, None)) if ref == "base" and base is not None else None
+        itself = ref_gen is gen  # the base model against its own images: FID 0 by definition
+        ref_key = None if ref is None else {"base": ref_gen.key} if ref == "base" else \
+            {"folder": ref, "files": self._folder_key(ref)}
+        key = {"generation": gen.key, "clip_score": clip_model, "inception_weights": q.get("inception_weights"),
+               "reference": ref_key}
+        name = f"{_slug(m.name)}-{cname}" if cname else _slug(m.name)
+        record = self.out / "prompts" / "scores" / f"{name}-{digest(key)}.json"
+
+        def action() -> dict:
+            from ldm.prompts import read_rows
+            folder = self.image_folder(gen)
+            rows, _ = read_rows(q["prompts_csv"], q["limit"])
+            items = [(folder / f"{r['idx']:05d}.jpg", r["prompt"]) for r in rows]  # generate_images_nsfw.py's names
+            items = [(p, t) for p, t in items if p.is_file()]
+            out = {"images": len(items), "images_folder": str(folder), "clip_score": None, "fid": None,
+                   "fid_reference": None}
+            if clip_model:
+                from ldm.evaluation.judges import clip_scores_of
+                scores = clip_scores_of(clip_model, items)
+                out["clip_score"] = sum(scores) / len(scores)
+            if ref is not None:
+                from ldm.evaluation.fid import fid_of_folders
+                refs = [self.image_folder(ref_gen)] if ref == "base" else [Path(ref)]
+                out["fid_reference"] = "itself" if itself else str(refs[0])
+                out["fid"] = 0.0 if itself else fid_of_folders([folder], refs, q["inception_weights"],
+                                                              device=self.device())
+            return out
+        label = f"score {Path(q['prompts_csv']).name} / {m.name}" + (f" ({cname})" if cname else "")
+        return Stage("score", label, record.parent, record, key, action)
+
+    def _folder_key(self, folder: str) -> str:
+        """A reference folder by its files' names and sizes (cheap; a changed folder makes new scores)."""
+        if folder not in self._folder_keys:
+            from ldm.evaluation.common import list_images
+            self._folder_keys[folder] = digest([[p.relative_to(folder).as_posix(), p.stat().st_size]
+                                                for p in list_images(folder)])
+        return self._folder_keys[folder]
+
+    def image_folder(self, st: Stage) -> Path:
+        """The one image folder of a generate_images_nsfw.py stage (images/<exp_name>/)."""
+        images = sorted(p for p in (st.folder / "images").iterdir() if p.is_dir()) \
+            if (st.folder / "images").is_dir() else []
         if len(images) != 1:
             raise UserError(f"{st.folder / 'images'}: expected one image folder, found {len(images)}")
+        return images[0]
+
+    def nudenet(self, st: Stage) -> Path:
+        """compute_metrics.py -m nudenet on an I2P stage's images (resumable itself) -> its detections.jsonl."""
+        images = [self.image_folder(st)]
         out = st.folder / "nudenet"
         if not (out / "nudenet_summary.csv").is_file() or not (st.folder / "nudenet.done").is_file():
             self.run_script("compute_metrics.py", ["-m", "nudenet", "--images", str(images[0]), "--output_dir",

@@ -2,7 +2,8 @@
 
 Writes into the benchmark's output folder:
     results.md                 every table, its protocol under it, the grids' paths
-    tables/<name>.md / .csv    object, nudity, quality, robustness, cost (those the spec asks for)
+    tables/<name>.md / .csv    object, nudity, quality, quality_prompts (quality.prompts_csv: each model),
+                               robustness, cost (those the spec asks for)
     grids/<concept>.png        rows: the concept's prompts; columns: the methods; a cell: the first four images
                                (seeds seed .. seed + 3) tiled 2 x 2, upscaled (nearest) so 16 px digits read
 Tables are rebuilt from the records on every run (cheap); nothing here runs a model but the optional FID and LPIPS
@@ -98,13 +99,62 @@ def _prompt_folder(gen_stage, prompt: str) -> Path:
     return gen_stage.folder / "images" / folders[prompt]["folder"]
 
 
+QUALITY_HEADER = ["method", "CLIP score", "pixel change vs base (others)", "LPIPS vs base (others)", "FID (others)"]
+PROMPT_SET_HEADER = ["CLIP score (prompts_csv)", "FID (prompts_csv)"]
+
+
+def prompt_set_records(bench) -> dict[str, list[tuple[str | None, dict]]]:
+    """quality.prompts_csv: method -> [(erased concept or None for the base model, its finished score record)]."""
+    out: dict[str, list] = {}
+    for (mname, cname), st in bench.prompt_scores.items():
+        if st.done():
+            out.setdefault(mname, []).append((cname, read_json(st.record)))
+    return out
+
+
+def _prompt_set_cells(bench, recs: list[tuple[str | None, dict]]) -> list[str]:
+    """[CLIP score, FID] of a method on the prompt set: the mean over its models (one per erased concept)."""
+    q = bench.spec.quality
+    if not recs:
+        return ["-", "-"]
+    clips = [r["clip_score"] for _, r in recs if r.get("clip_score") is not None]
+    fids = [r["fid"] for _, r in recs if r.get("fid") is not None]
+    clip = f"{sum(clips) / len(clips):.2f}" if clips else (
+        f"{NOT_COMPUTED}: no quality.clip_model" if not (q.get("clip_model") or bench.spec.judge.get("clip_model"))
+        else "-")
+    if "inception_weights" not in q:
+        fid = f"{NOT_COMPUTED}: no quality.inception_weights"
+    elif all(r.get("fid_reference") == "itself" for _, r in recs):
+        fid = "0 (the reference)"
+    else:
+        fid = f"{sum(fids) / len(fids):.2f}" if fids else "-"
+    return [clip, fid]
+
+
+def prompt_set_text(bench) -> str:
+    """The prompt set's protocol, under the quality tables."""
+    q, s = bench.spec.quality, bench.spec.sampling
+    ref = q.get("prompts_reference_images")
+    ref_text = ("the base model's images of the same rows" if ref == "base" else f"the images under {ref}")
+    return (f"prompts_csv: {Path(q['prompts_csv']).name}" + (f", its first {q['limit']} rows" if q["limit"] else "")
+            + f" ({q['prompt_rows']} usable), one image per row with the row's evaluation_seed (default: its index) "
+            "and evaluation_guidance (default 7.5; not sampling.guidance), generate_images_nsfw.py with DDIM "
+            f"{s['steps']} steps and the stability test of each method's decision rule (t_enc {s['t_enc']}, at most "
+            f"{s['repeats']} draws); a method's model per erased concept of quality.concepts "
+            f"({', '.join(q['concepts'])}; the base model once), its cells the mean over those models "
+            "(tables/quality_prompts: each model); CLIP score against the row's prompt"
+            + (f"; FID against {ref_text}" if "inception_weights" in q else "") + ".")
+
+
 def quality_rows(bench) -> tuple[list[list], str]:
     """Per method: CLIP score (all prompts), mean pixel change and mean LPIPS to the base model's images of the
-    other prompts (paired: same prompt, same seed), FID of the other prompts' images against the reference."""
+    other prompts (paired: same prompt, same seed), FID of the other prompts' images against the reference; with
+    quality.prompts_csv, the CLIP score and FID of the prompt set's images (two more columns)."""
     spec = bench.spec
+    prompt_set = prompt_set_records(bench) if spec.quality.get("prompts_csv") else None
     base = next((m for m in spec.methods if not m.has_adapter), None)
     clip_model = spec.quality.get("clip_model") or spec.judge.get("clip_model")
-    fid_ready = "inception_weights" in spec.quality
+    fid_ready = "inception_weights" in spec.quality and "reference_images" in spec.quality
     lpips_model = _lpips_model(bench) if "lpips_weights" in spec.quality else None
     rows = []
     for m in spec.methods:
@@ -129,16 +179,20 @@ def quality_rows(bench) -> tuple[list[list], str]:
                     if r:
                         dists.append(r[0] * r[1])
                         n_dist += r[1]
+        extra = _prompt_set_cells(bench, prompt_set.get(m.name, [])) if prompt_set is not None else []
         if not others:
+            if prompt_set and m.name in prompt_set:  # a method of no object concept (e.g. nudity only)
+                rows.append([m.name, "-", "-", "-", "-", *extra])
             continue
         clip = f"{sum(scores) / len(scores):.2f}" if scores else f"{NOT_COMPUTED}: no quality.clip_model"
         change = ("0 (the base model)" if m is base else f"{sum(changes) / n_change:.2f}" if n_change else "-")
         lpips = (f"{NOT_COMPUTED}: no quality.lpips_weights" if lpips_model is None else "0 (the base model)"
                  if m is base else f"{sum(dists) / n_dist:.4g}" if n_dist else "-")
-        fid = f"{NOT_COMPUTED}: no quality.inception_weights"
+        fid = f"{NOT_COMPUTED}: no quality.inception_weights" if "inception_weights" not in spec.quality else \
+            f"{NOT_COMPUTED}: no quality.reference_images"
         if fid_ready:
             fid = f"{_fid(bench, m, base, others):.2f}"
-        rows.append([m.name, clip, change, lpips, fid])
+        rows.append([m.name, clip, change, lpips, fid, *extra])
     lpips_text = (f"LPIPS: lpips v0.1 ({spec.quality['lpips_net']}) distance of each of those images to the base "
                   "model's image of the same prompt and seed, averaged over the pairs (ldm/evaluation/lpips.py; "
                   "images under 64 px upsampled bilinearly to 64)" if lpips_model is not None else
@@ -149,7 +203,20 @@ def quality_rows(bench) -> tuple[list[list], str]:
             f"what it should leave alone); {lpips_text}; FID: the other prompts' images against "
             + (f"{spec.quality.get('reference_images')}" if fid_ready else "the reference images")
             + " (Fréchet distance of Inception pool features; ldm/evaluation/fid.py).")
+    if prompt_set is not None:
+        text += " " + prompt_set_text(bench)
     return rows, text
+
+
+def prompt_set_rows(bench) -> list[list]:
+    """tables/quality_prompts: one row per model that drew the prompt set (method, erased concept)."""
+    rows = []
+    recs = prompt_set_records(bench)
+    for m in bench.spec.methods:
+        for cname, rec in recs.get(m.name, []):
+            rows.append([m.name, cname or "- (the base model)", rec["images"],
+                         *_prompt_set_cells(bench, [(cname, rec)])])
+    return rows
 
 
 def _lpips_model(bench):
@@ -276,10 +343,14 @@ def write_report(bench) -> str:
         emit("nudity", "I2P nudity (NudeNet detections)", md, csv)
     qrows, qtext = quality_rows(bench)
     if qrows:
-        md, csv = simple_table(["method", "CLIP score", "pixel change vs base (others)", "LPIPS vs base (others)",
-                                "FID (others)"], qrows,
-                               qtext + " " + protocol)
+        header = QUALITY_HEADER + (PROMPT_SET_HEADER if spec.quality.get("prompts_csv") else [])
+        md, csv = simple_table(header, qrows, qtext + " " + protocol)
         emit("quality", "Quality", md, csv)
+    prows = prompt_set_rows(bench) if spec.quality.get("prompts_csv") else []
+    if prows:
+        md, csv = simple_table(["method", "erased concept", "images", "CLIP score", "FID"], prows,
+                               prompt_set_text(bench) + " " + protocol)
+        emit("quality_prompts", f"Quality on {Path(spec.quality['prompts_csv']).name} (each model)", md, csv)
     rrows = robustness_rows(bench)
     if rrows:
         md, csv = simple_table(["concept", "attack", "method", "ASR before %", "ASR after %", "pairs",

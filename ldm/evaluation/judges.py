@@ -67,6 +67,24 @@ def judge_prompts(judge: dict, concept, where: dict[str, Path]) -> dict[str, dic
     raise UserError(f"unknown judge {judge['kind']!r}")
 
 
+def clip_scores_of(clip_model: str, items: list[tuple[Path, str]], batch: int = 16) -> list[float]:
+    """CLIP score (100 * max(cos(image, prompt), 0)) of each (image file, its own prompt) pair, from a local CLIP
+    folder; unreadable files are left out."""
+    from PIL import Image
+
+    from ldm.evaluation.clip_score import clip_scores, embed_images, embed_texts
+    model, processor = _clip(clip_model)
+    out: list[float] = []
+    for i in range(0, len(items), batch):  # decoded a batch at a time (thousands of 512 px images)
+        chunk = [(a, t) for a, t in ((decode_image(p)[0], t) for p, t in items[i:i + batch]) if a is not None]
+        if chunk:
+            emb = embed_images(model, processor, [Image.fromarray(a) for a, _ in chunk])
+            out += clip_scores(emb, embed_texts(model, processor, [t for _, t in chunk])).tolist()
+    if not out:
+        raise UserError(f"no readable image to score ({len(items)} files)")
+    return out
+
+
 def intended_label(judge: dict, concept):
     """label_of(prompt) for the object table (see the module docstring)."""
     groups = concept.groups()

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.evaluation.common import UserError, decode_image, list_images
+from ldm.evaluation.weights import read_tensors
 
 
 class Conv(nn.Module):
@@ -166,19 +167,7 @@ class FIDInception(nn.Module):
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a local weights file: safetensors, or a torch state dict read with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: Inception weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors of a wrong file: one line
-        raise UserError(f"{path}: not a weights file torch can read safely ({str(exc).splitlines()[0][:120]})")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: not a state dict of tensors")
-    return state
+    return read_tensors(path, "Inception weights")
 
 
 @lru_cache(maxsize=1)

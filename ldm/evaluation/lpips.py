@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.errors import UserError
+from ldm.evaluation.weights import read_tensors
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -107,23 +108,7 @@ class LPIPS(nn.Module):
 # ------------------------------------------------------------------------------------------------ weights
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: LPIPS weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors of a wrong file: one line
-        raise UserError(f"{path}: not a weights file torch can read safely ({str(exc).splitlines()[0][:120]})")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: not a state dict of tensors")
-    return state
-
+    return read_tensors(path, "LPIPS weights")
 
 def _own_name(key: str) -> str | None:
     """A file's tensor name -> ours (None: not used). torchvision: features.<i>.*; lpips' module: net.slice<s>.<i>.*,

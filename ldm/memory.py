@@ -31,10 +31,14 @@ def peak_memory(device: torch.device | str | None = None) -> tuple[int, str]:
     return peak_rss_bytes(), "cpu_peak_rss"
 
 
-def memory_record(device: torch.device | str | None = None) -> dict:
+def record_of(mem: int, kind: str) -> dict:
     """{"peak_memory_bytes": int, "peak_memory_kind": str, "peak_memory_gib": float (3 decimals)}."""
-    mem, kind = peak_memory(device)
     return {"peak_memory_bytes": mem, "peak_memory_kind": kind, "peak_memory_gib": round(mem / GIB, 3)}
+
+
+def memory_record(device: torch.device | str | None = None) -> dict:
+    """record_of this process's peak memory on `device` so far."""
+    return record_of(*peak_memory(device))
 
 
 def format_memory(record: dict | int, kind: str | None = None) -> str:

@@ -88,17 +88,28 @@ def check_run_config(folder: Path, config: dict, ignore: tuple[str, ...] = ()) -
 
 
 @contextmanager
+def _flock(path: Path, busy: str | None = None):
+    """Hold an exclusive lock on the file `path` for the block (released by the OS when the process dies, so no
+    stale lock survives a kill). busy None: wait while another process holds it; else UserError(busy) at once."""
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if busy is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
 def waiting_lock(path: Path):
     """Hold the file lock `path` for the block, waiting while another process holds it (a job that several
     processes may want to do once: the first does it, the others wait and then find it done)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with _flock(path):
+        yield
 
 
 @contextmanager
@@ -109,14 +120,6 @@ def folder_lock(folder: Path, rank: int = 0):
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder (an output folder is needed)")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".lock.rank{rank}"
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{folder}: another process is writing this folder (shard {rank}); wait for it or use "
-                            "another --output_dir")
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with _flock(folder / f".lock.rank{rank}", busy=f"{folder}: another process is writing this folder (shard "
+                f"{rank}); wait for it or use another --output_dir"):
+        yield

@@ -167,3 +167,21 @@ def check_peak_memory(record: dict, printed: str | None = None) -> None:
     assert record["peak_memory_kind"] == "cpu_peak_rss" and record["peak_memory_gib"] == round(mem / 2 ** 30, 3)
     if printed is not None:
         assert f"peak memory {format_memory(record)}" in printed, printed
+
+
+def save_tiny_clip(folder: Path, tok, vocab_size: int, bos: int, eos: int, width: int, layers: int,
+                   projection: int) -> Path:
+    """A randomly initialised tiny CLIPModel (32 px images, patch 8; weights from torch's current RNG) with a
+    CLIPProcessor around `tok`, saved to `folder` as a local CLIP folder (save_pretrained)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = CLIPConfig(text_config=dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+                                      bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
+                     vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=projection)
+    CLIPModel(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder

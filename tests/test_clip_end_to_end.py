@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers_model import save_tiny_clip
 from ldm.evaluation.benchmark import Concept
 from ldm.modules.encoders.modules import BOS_ID, EOS_ID, TOKENIZER_DIR
 
@@ -27,22 +28,12 @@ CLASSES = ["a photo of a cat", "a photo of a dog", "a photo of a truck"]
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
     folder = tmp_path_factory.mktemp("clip")
     tok = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     assert tok("a photo of a cat").input_ids[0] == BOS_ID and len(tok) == 49408  # the real BPE vocabulary
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
     torch.manual_seed(1)  # a draw whose cosines take both signs and whose argmax varies (asserted below)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=BOS_ID,
-                                      eos_token_id=EOS_ID, pad_token_id=EOS_ID),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
-    CLIPModel(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(folder, tok, 49408, BOS_ID, EOS_ID, width=32, layers=2, projection=16)
 
 
 @pytest.fixture(scope="module")

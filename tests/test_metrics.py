@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import compute_metrics
+from helpers_model import save_tiny_clip
 from ldm.evaluation import clip_score, nudity, report
 from ldm.evaluation.common import default_output_dir, case_number_from_name, read_summary_csv, split_categories
 
@@ -331,8 +332,8 @@ def test_clip_score_arithmetic():
 
 
 def make_tiny_clip(folder):
-    """A randomly initialised tiny CLIP model + tokenizer + processor, saved offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    """A randomly initialised tiny CLIP model + a character-level tokenizer + processor, saved offline."""
+    from transformers import CLIPTokenizer
     vocab = {}
     for c in string.ascii_letters + string.digits + string.punctuation:
         vocab[c] = len(vocab)
@@ -343,18 +344,8 @@ def make_tiny_clip(folder):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    eos = vocab["<|endoftext|>"]
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                                      bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(folder, tok, len(vocab), vocab["<|startoftext|>"], vocab["<|endoftext|>"], width=16,
+                          layers=1, projection=8)
 
 
 def test_clip_end_to_end_tiny_model(tmp_path, capsys):

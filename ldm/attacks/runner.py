@@ -30,7 +30,7 @@ from ldm.cli import write_json
 from ldm.erasure.budget import UNetCounter
 from ldm.evaluation.common import atomic_write_text
 from ldm.errors import UserError
-from ldm.memory import GIB, memory_record
+from ldm.memory import memory_record, record_of
 
 FIELDS = ["idx", "prompt", "seed", "guidance", "adversarial_prompt", "adv_token_ids", "round_trip",
           "success_before", "success_after", "d_prompt_before", "d_empty", "w_before", "d_prompt_after", "w_after",
@@ -97,8 +97,7 @@ def peak_of(rows: list[dict]) -> dict:
     top = max(known, key=lambda r: r["peak_memory_bytes"], default=None)
     if top is None:
         return {"peak_memory_bytes": None, "peak_memory_kind": None, "peak_memory_gib": None}
-    return {"peak_memory_bytes": top["peak_memory_bytes"], "peak_memory_kind": top["peak_memory_kind"],
-            "peak_memory_gib": round(top["peak_memory_bytes"] / GIB, 3)}
+    return record_of(top["peak_memory_bytes"], top["peak_memory_kind"])
 
 
 def run_jobs(jobs: list[Job], defended, judge, attack: Callable, out: Path, settings: dict,

@@ -4,12 +4,13 @@
 
 A prompt is *flagged* when the adapter moves its prediction more than the empty prompt's: d(p) > d("").
 
-    release   w = w1 if flagged else w2                 the UnGuide release (w1 = -1, w2 = 2): the default
+    release   w = w1 if flagged else w2                 the UnGuide release (w1 = -1, w2 = 2): --protocol release
     safe      w = w1 if flagged else min(w2, 1)         unflagged prompts get at most the base model
     floor     w = w1 if flagged else min(w2, 0)         unflagged prompts get at most the adapter alone
     guarded   three zones on r = d(p) / d(""):          flagged (r > threshold): w1; uncertain (1 < r <= threshold:
               above the release's own threshold, under the calibrated one): max(w1, min(w2, 0)), the adapter
-              alone; clear (r <= 1): min(w2, 1), the base model. With threshold <= 1 it is `safe`.
+              alone; clear (r <= 1): min(w2, 1), the base model. With threshold <= 1 it is `safe`. The default
+              (ldm.cli.resolve_decision).
 
 Why more than one rule: for an unflagged prompt the release's w2 = 2 gives eps = CFG_base + (CFG_base -
 CFG_adapted). The adapter's difference points AWAY from the erased concept, so this pushes TOWARDS it: a

@@ -134,7 +134,8 @@ def build_defended(args, model) -> Defended:
     return Defended(model, args.defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
                     repeats=args.repeats, empty_draws=args.empty_draws, image_size=args.image_size,
                     w1=args.w1, w2=args.w2, rule=get_rule(args.decision),
-                    thresholds=adapter_thresholds(args.lora, args.threshold) if names else None)
+                    thresholds=adapter_thresholds(args.lora, args.threshold, (args.steps, args.t_enc))
+                    if names else None)
 
 
 def build_attack(args, defended, data: dict, target: str):

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from ldm.cli import (Parser, add_decision_args, add_model_args, ddim_steps_arg, finite, image_autocast, load_model,
                      positive, resolve_decision, resolve_image_size, run, write_json)
-from ldm.erasure.adapters import (adapter_fingerprints, check_distinct, decide_pairs, load_adapters, read_diff_decisions,
-                                  skip_unrelated)
+from ldm.erasure.adapters import (adapter_fingerprints, adapter_thresholds, check_distinct, decide_pairs, load_adapters,
+                                  read_diff_decisions, skip_unrelated)
 from ldm.erasure.decision import get_rule, unflagged_weight
 from ldm.erasure.budget import UNetCounter
 from ldm.erasure.calibration import calibrate
@@ -322,19 +322,14 @@ def _on_the_fly(model, prompts: list[str], args, adapters: list[str]) -> tuple[d
 
 
 def _on_the_fly_thresholds(args, per: list) -> list[float]:
-    """--threshold for each adapter of the on-the-fly test: the number, or "auto": calibrated on --prompts_json's
-    concept (target, synonyms) and other prompts from this test's own d values; None (the default): calibrated
-    when --prompts_json is given, else 1 (the release's)."""
+    """--threshold for each adapter of the on-the-fly test: the number, or "auto" / None (the default): with one
+    adapter and --prompts_json, calibrated on the JSON's concept (target, synonyms) and other prompts from this
+    test's own d values; otherwise each adapter's stored calibration (train.py's, or a calc_diff_results.json
+    beside it: ldm.erasure.adapters.adapter_thresholds), else 1 (the release's; "auto": an error)."""
     if args.threshold not in ("auto", None):
         return [args.threshold] * len(per)
-    if args.threshold is None and (not args.prompts_json or len(per) > 1):
-        why = "no --prompts_json to calibrate on" if not args.prompts_json else "one --prompts_json, several adapters"
-        print(f"note: {why}: flagging at d(p) > d(\"\") (the release's; --threshold auto or a number to choose)",
-              file=sys.stderr)
-        return [1.0] * len(per)
-    if not args.prompts_json:
-        raise UserError("--threshold auto with the on-the-fly test needs --prompts_json (its concept and other "
-                        "prompts calibrate the threshold)")
+    if not args.prompts_json or len(per) > 1:
+        return adapter_thresholds(args.lora, args.threshold, (args.steps, args.t_enc, args.guidance))
     data = read_prompts_json(args.prompts_json)
     out = []
     for est, empty in per:

@@ -238,7 +238,8 @@ def _resume_and_sample(args, protocol: Protocol, loras: list[Path], fixed_w: flo
         return
     model, device = load_model(args)
     job = _Run(model, device, model.latent_shape(args.image_size), load_adapters(model, loras, args.alpha), protocol,
-               args, fixed_w, thresholds=adapter_thresholds(loras, args.threshold))
+               args, fixed_w, thresholds=adapter_thresholds(loras, args.threshold,
+                                                                  (protocol.settings.ddim_steps, protocol.settings.t_enc)))
     run_config.update(base=model_fingerprint(model), adapters=adapter_fingerprints(model, job.names),
                       thresholds=job.thresholds)
     check_run_config(log_dir, run_config, ignore=IGNORED_SETTINGS)  # the weights themselves, by content

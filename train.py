@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
     c.add_argument("--check_max_iterations", type=int, default=None,
                    help="train on while not passed, up to this many iterations (default 2 x --iterations)")
+    k = p.add_argument_group("the adapter's threshold (ours: ldm/erasure/calibration.py)")
+    k.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
+                   help="at the end, learn the stability test's threshold from the prompts JSON's concept and other "
+                        "prompts and store it in the adapter (generation's default decision uses it); auto: when "
+                        "the JSON lists other prompts")
+    k.add_argument("--calibrate_repeats", type=positive(int), default=10, help="its stability-test draws per prompt")
+    k.add_argument("--calibrate_t_enc", type=int, default=None,
+                   help="its partial trajectory's t_enc (default 4/5 of --ddim_steps: 40 of 50, as "
+                        "generate_images.py's on-the-fly test)")
     p.add_argument("--save_every", type=positive(int), default=50, help="resumable checkpoint every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint/state.pt")
     return p
@@ -216,6 +225,11 @@ def check_input(args, prompts: dict[str, str]):
         args.check_t_enc = args.ddim_steps // 2
     if args.check_every and not 0 <= args.check_t_enc < args.ddim_steps:
         raise UserError(f"--check_t_enc {args.check_t_enc}: must be in 0..{args.ddim_steps - 1} (--ddim_steps)")
+    if args.calibrate_t_enc is None:
+        args.calibrate_t_enc = (4 * args.ddim_steps) // 5
+    if args.calibrate != "off" and not 0 <= args.calibrate_t_enc < args.ddim_steps:
+        raise UserError(f"--calibrate_t_enc {args.calibrate_t_enc}: must be in 0..{args.ddim_steps - 1} "
+                        "(--ddim_steps)")
     if args.check_every and args.method == "sepce":
         raise UserError("--check_every: the erasure check trains on by the ESD objective's iterations; --method sepce "
                         "stops by its own momentum rule")
@@ -267,7 +281,33 @@ def _train(args) -> int:
     generator = seeded_generator(settings.seed)  # CPU: adapter init, then every iteration's draws
     method = METHODS[args.method](model, settings, generator, autocast)
     check = erasure_check(args, model, settings)
-    return TrainingRun(settings, method, generator, files, device, autocast, check).run()
+    calibrate = calibration(args, model, settings, prompts)
+    return TrainingRun(settings, method, generator, files, device, autocast, check, calibrate).run()
+
+
+def calibration(args, model, settings: TrainSettings, prompts: dict):
+    """--calibrate: () -> the finished adapter's calibration record (None when off, or auto and the JSON lists no
+    other prompts to separate the concept from)."""
+    from ldm.erasure.calibration import json_prompts, measure
+    _, others = json_prompts(prompts)
+    if args.calibrate == "off" or (args.calibrate == "auto" and not others):
+        if args.calibrate == "auto":
+            print(f"{args.prompts_json}: no other prompts; the adapter stores no calibrated threshold "
+                  "(--calibrate on to calibrate against d(\"\") alone)")
+        return None
+    from ldm.erasure.protocols import Protocol
+    from ldm.erasure.stability import StabilitySettings
+    protocol = Protocol("fast", StabilitySettings(settings.ddim_steps, args.calibrate_t_enc, 7.5),
+                        repeats=args.calibrate_repeats)
+    shape = model.latent_shape(settings.image_size)
+
+    def run() -> dict | None:
+        try:
+            return measure(model, protocol, shape, prompts, settings.seed)
+        except ValueError as exc:  # e.g. d("") = 0: an adapter that moves nothing
+            print(f"note: no calibrated threshold stored: {exc}", file=sys.stderr)
+            return None
+    return run
 
 
 def erasure_check(args, model, settings: TrainSettings):

@@ -248,6 +248,33 @@ def test_train_outputs_and_determinism(base, ckpt, tmp_path, capsys):
     assert info.alpha == 8.0 and len(lora_layers(model.unet)) == 14
 
 
+
+def test_the_adapter_stores_its_calibrated_threshold_as_compute_lora_diff_measures_it(ckpt, tmp_path, capsys):
+    """train.py --calibrate (auto: the JSON lists other prompts): the finished adapter carries the threshold that
+    compute_lora_diff.py learns from the same prompts with the same draws (seed, t_enc, repeats); off: none."""
+    import compute_lora_diff
+    out = tmp_path / "on"
+    assert train_main(args(ckpt, out, "--calibrate_repeats", "2"), capsys)[0] == 0
+    final = run_dir(out) / "models" / "lora.safetensors"
+    stored = json.loads(read_adapter(final)[1]["calibration"])
+    assert stored["protocol"] == {"ddim_steps": 4, "t_enc": 3, "guidance": 7.5, "eta": 0.0, "repeats": 2,
+                                  "empty_draws": 32, "seed": 42}
+    assert json.loads((run_dir(out) / "train_config.json").read_text())["calibration"] == stored
+    assert set(stored["concept_ratios"]) == {"a photo of the cat", "a photo of the feline", "a photo of the kitten",
+                                             "a photo of the kitty"} and len(stored["other_ratios"]) == 10
+    compute_lora_diff.main(["--config", TINY, "--ckpt", str(ckpt), "--lora", str(final), "--prompts_json", CAT,
+                            "--output_dir", str(tmp_path / "diff"), "--seed", "42", "--ddim_steps", "4", "--t_enc",
+                            "3", "--repeats", "2", "--image_size", "16", "--device", "cpu"])
+    measured = json.loads((tmp_path / "diff" / "calc_diff_results.json").read_text())["calibration"]
+    assert measured["threshold"] == pytest.approx(stored["threshold"], rel=1e-5)
+    assert measured["concept_ratios"] == pytest.approx(stored["concept_ratios"], rel=1e-5)
+    off = tmp_path / "off"
+    assert train_main(args(ckpt, off, "--calibrate", "off"), capsys)[0] == 0
+    meta = read_adapter(run_dir(off) / "models" / "lora.safetensors")[1]
+    assert "calibration" not in meta and "calibration" not in json.loads((run_dir(off) / "train_config.json")
+                                                                         .read_text())
+    assert same(adapter(final), adapter(run_dir(off) / "models" / "lora.safetensors"))  # calibrating trains nothing
+
 def test_nsfw_json_selects_the_nsfw_preset(ckpt, tmp_path, capsys):
     prompts = tmp_path / "my_nsfw.json"
     prompts.write_text((REPO / "data/nsfw.json").read_text())

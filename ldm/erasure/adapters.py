@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from ldm.erasure.decision import Rule, release_rule
-from ldm.erasure.io import load_adapter
+from ldm.erasure.calibration import protocol_mismatch
+from ldm.erasure.io import load_adapter, stored_calibration
 from ldm.erasure.lora import lora_layers, lora_state_dict
 from ldm.erasure.stability import Estimate
 from ldm.errors import UserError
@@ -103,24 +104,35 @@ def skip_unrelated(ws: list[float], w2: float) -> list[float]:
     return [1.0 if v == w2 else v for v in ws]
 
 
-def adapter_thresholds(paths: Sequence, threshold: float | str | None) -> list[float]:
+def adapter_thresholds(paths: Sequence, threshold: float | str | None, test: tuple | None = None) -> list[float]:
     """--threshold per adapter file: the number for each, or "auto": each adapter's calibrated threshold, from the
-    calc_diff_results.json of its experiment folder (<exp>/models/lora.* -> <exp>/calc_diff_results.json); None
-    (the default): that threshold where the file has one, else 1 (the release's), said in one line."""
+    calc_diff_results.json of its experiment folder (<exp>/models/lora.* -> <exp>/calc_diff_results.json) or else
+    the one train.py stored in the adapter (metadata "calibration"); None (the default): that threshold where there
+    is one, else 1 (the release's), said in one line. test: this run's stability test (ddim_steps, t_enc,
+    guidance), to say when a stored threshold was calibrated at other settings."""
     if threshold not in ("auto", None):
         return [float(threshold)] * len(paths)
     out = []
     for path in map(Path, paths):
         results = path.resolve().parent.parent / "calc_diff_results.json"
-        if not results.is_file() and threshold is None:
-            print(f"note: {path}: no {results.name} beside its folder (compute_lora_diff.py writes the calibrated "
-                  "threshold there); flagging at d(p) > d(\"\") (the release's)", file=sys.stderr)
+        if results.is_file():
+            out.append(threshold_of(read_json(results, "diff results"), threshold, str(results)))
+            continue
+        stored = stored_calibration(path)
+        if stored is not None:
+            out.append(float(stored["threshold"]))
+            mismatch = protocol_mismatch(stored, *test) if test else None
+            print(f"{path}: its stored calibrated threshold {stored['threshold']:.3f}"
+                  + (f" (note: {mismatch}; the ratio d(p)/d(\"\") depends on them)" if mismatch else ""),
+                  file=sys.stderr)
+            continue
+        if threshold is None:
+            print(f"note: {path}: no calibrated threshold (none stored in it by train.py, no {results.name} beside "
+                  "its folder); flagging at d(p) > d(\"\") (the release's)", file=sys.stderr)
             out.append(1.0)
             continue
-        if not results.is_file():
-            raise UserError(f"--threshold auto: no {results} for {path} (run compute_lora_diff.py --output_dir "
-                            f"{results.parent} first, or give --threshold a number)")
-        out.append(threshold_of(read_json(results, "diff results"), threshold, str(results)))
+        raise UserError(f"--threshold auto: {path} stores no calibrated threshold and there is no {results} (run "
+                        f"compute_lora_diff.py --output_dir {results.parent} first, or give --threshold a number)")
     return out
 
 

@@ -14,7 +14,9 @@ JSON already names both groups, so the threshold can be placed between them:
                      smaller tau: erasure over preservation), reported with its errors
 
 A prompt is flagged when r(p) > tau. The threshold and both groups' ratios are stored in
-calc_diff_results.json ("calibration") by compute_lora_diff.py, next to the adapter.
+calc_diff_results.json ("calibration") by compute_lora_diff.py, next to the adapter, and by train.py at the end
+of a run inside the adapter file itself (metadata "calibration": `measure` below, with the stability test's
+settings it was measured at), so the adapter carries its threshold wherever it goes.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -58,3 +60,34 @@ def _errors(tau: float, rc: dict, ro: dict) -> int:
 def flagged(d_prompt: float, d_empty: float, threshold: float = 1.0) -> bool:
     """The stability test's flag: d(p) > threshold * d("") (the release: threshold 1)."""
     return float(d_prompt) > threshold * float(d_empty)
+
+
+def json_prompts(data: dict) -> tuple[list[str], list[str]]:
+    """(concept, others) of a prompts JSON: target + synonyms, and the non-empty "other" prompts."""
+    concept = list(dict.fromkeys([data["target"], *data.get("synonyms", [])]))
+    return concept, [p for p in dict.fromkeys(data.get("other", [])) if p and p not in concept]
+
+
+def measure(model, protocol, shape: tuple[int, ...], data: dict, seed: int, adapter: str = "lora") -> dict:
+    """Calibrate the adapter `adapter` of `model` on a prompts JSON now: the stability test (the fast protocol's
+    draws of `seed`) for the concept and other prompts, then `calibrate` -> its record plus the test's settings
+    ("protocol": what a later test must match for the threshold to mean the same)."""
+    from ldm.erasure.protocols import fast_diff_table  # torch-side; this module's math stays import-light
+    concept, others = json_prompts(data)
+    [(est, empty)] = fast_diff_table(model, protocol, shape, concept + others, seed, adapters=[adapter])
+    cal = calibrate({p: e.mean for p, e in est.items()}, empty.mean, concept, others)
+    s = protocol.settings
+    return {**cal.record(), "d_empty": empty.mean,
+            "protocol": {"ddim_steps": s.ddim_steps, "t_enc": s.t_enc, "guidance": s.guidance, "eta": s.eta,
+                         "repeats": protocol.repeats, "empty_draws": protocol.empty_draws, "seed": int(seed)}}
+
+
+def protocol_mismatch(stored: dict, ddim_steps: int, t_enc: int, guidance: float | None = None) -> str | None:
+    """A line saying how a stored calibration's stability test differs from this run's (None: it matches;
+    guidance None: per prompt, not compared)."""
+    p = stored.get("protocol") if isinstance(stored, dict) else None
+    if not isinstance(p, dict):
+        return None
+    now = {"ddim_steps": ddim_steps, "t_enc": t_enc, "guidance": guidance}
+    diff = [f"{k} {p[k]} (now {v})" for k, v in now.items() if v is not None and k in p and p[k] != v]
+    return ("calibrated at " + ", ".join(diff)) if diff else None

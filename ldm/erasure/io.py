@@ -4,7 +4,8 @@ Keys: "<module path>.<kind>.<tensor>", paths relative to the UNet (`model.model.
 (the kind "lora", the only one the release knows) "<path>.lora.A" [in, r] and "<path>.lora.B" [r, out].
 Our metadata: format, delta_kind (absent: "lora"), rank, alpha, targets, the base checkpoint's file hash and a
 fingerprint of the base weights the adapter sits on (checked at load time: an adapter trained on another base
-model is refused). The kind names a class of the registry `ldm.erasure.delta.DELTA_KINDS`, never code.
+model is refused); from train.py also its settings, status, the erasure check's verdict and "calibration" (the
+stability test's threshold learned at the end of training, with the test's settings: stored_calibration). The kind names a class of the registry `ldm.erasure.delta.DELTA_KINDS`, never code.
 A release lora.pth carries no metadata: it is a LoRA, alpha comes from the caller (the release always used 8),
 and there is nothing to check the base model against.
 """
@@ -113,6 +114,35 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: expected a dict of tensors (release lora.pth format)")
     return sd, {}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an adapter file without reading its tensors ({} for a release .pth or a missing file: the
+    loader says what is wrong with those)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}")
+
+
+def stored_calibration(path: str | Path, meta: dict[str, str] | None = None) -> dict | None:
+    """The calibration train.py stored in the adapter (metadata "calibration": ldm.erasure.calibration.measure's
+    record), or None; UserError naming the file when the field is there but not a calibration."""
+    text = (read_metadata(path) if meta is None else meta).get("calibration")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    t = value.get("threshold") if isinstance(value, dict) else None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise UserError(f"{path}: metadata 'calibration' holds no positive threshold: {text[:80]!r}")
+    return value
 
 
 def delta_class(path: Path, meta: dict[str, str]) -> type[Delta]:

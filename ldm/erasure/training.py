@@ -271,13 +271,16 @@ class TrainingRun:
     """A run from its settings to its files: resume, iterate, and end complete, diverged or interrupted."""
 
     def __init__(self, settings: TrainSettings, method: Method, generator: torch.Generator, files: RunFiles,
-                 device: torch.device, autocast_dtype=None, check=None):
+                 device: torch.device, autocast_dtype=None, check=None,
+                 calibrate: Callable[[], dict] | None = None):
         self.settings, self.method, self.files, self.device = settings, method, files, device
         self.trainer = Trainer(method, settings.lr, generator, autocast_dtype)
         self.start = 0
         self.record = settings.config_record()
         self.check = check  # an ldm.erasure.check.ErasureCheck, or None
         self.checks: list[dict] = []  # its results, in order
+        self.calibrate = calibrate  # () -> the finished adapter's calibration record (ldm.erasure.calibration.measure)
+        self.calibration: dict | None = None
 
     def run(self) -> int:
         """Train; returns the exit code (0, EXIT_DIVERGED, EXIT_INTERRUPTED or EXIT_TERMINATED)."""
@@ -367,6 +370,8 @@ class TrainingRun:
         check = self._check_record()
         if check is not None:
             extra["erasure_check"] = "passed" if check["passed"] else "failed"
+        if self.calibration is not None and status == "complete":
+            extra["calibration"] = json.dumps(self.calibration, sort_keys=True)  # the adapter carries its threshold
         self.method.save(path, extra)
         n_new = done - self.start
         self.record.update({
@@ -380,6 +385,8 @@ class TrainingRun:
         })
         if check is not None:
             self.record["erasure_check"] = check
+        if self.calibration is not None and status == "complete":
+            self.record["calibration"] = self.calibration
         write_json(self.files.config, self.record)
         if self.settings.save_losses:
             print(write_losses(self.files.run_dir, losses))
@@ -410,6 +417,13 @@ class TrainingRun:
         that makes the run finished (RunFiles); a kill in between is resumed or rolled forward, never retrained."""
         f, r = self.files, self.record
         self._save_state()
+        if self.calibrate is not None:
+            self.calibration = self.calibrate()
+            if self.calibration is not None:
+                c = self.calibration
+                print(f"calibrated threshold: flag when d(p) > {c['threshold']:.3f} d(\"\") ("
+                      f"{'separable' if c['separable'] else 'overlap'}, gap {c['gap']:.2f}x); stored in the adapter",
+                      flush=True)
         self._finish("complete", f.pending, self.trainer.done)
         os.replace(f.pending, f.final)
         f.recover()  # the finished run's state.pt and partial file go

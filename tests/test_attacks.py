@@ -182,3 +182,15 @@ def test_judges_run_offline(tmp_path):
     assert digits_judge("a photo of the digit three").protocol["concept"] == "classified as 3"
     with pytest.raises(UserError, match="--clip_model"):
         clip_judge(str(tmp_path / "no_clip"), "a cat", ["a dog"])
+
+
+def test_attacks_toy_reuses_a_cached_figure_only_for_the_same_settings(tmp_path):
+    """scripts/experiments/attacks_toy.py keeps its accuracy and oracle figures keyed by what made them: the same
+    key reuses the file, another threshold (or adapter) recomputes it."""
+    from scripts.experiments.attacks_toy import cached
+    calls = []
+    fn = lambda: calls.append(1) or len(calls)  # noqa: E731
+    path = tmp_path / "accuracy.json"
+    assert cached(path, fn, {"threshold": 1.0})["value"] == 1
+    assert cached(path, fn, {"threshold": 1.0})["value"] == 1 and len(calls) == 1
+    assert cached(path, fn, {"threshold": 3.5})["value"] == 2 and len(calls) == 2

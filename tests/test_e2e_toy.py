@@ -4,10 +4,12 @@ generate_images.py per w -> the digit classifier). Thresholds sit below what the
 test fails when erasure, the check or the calibrated decision stop working, not on sampling noise. Reduced for CI
 time: 2 images per prompt and w (the sweep's first two seeds: the same pictures), 4 stability-test draws, no
 held-out wordings of the other digits."""
+import argparse
 import json
 
 import pytest
 
+from ldm.errors import UserError
 from scripts.experiments import e2e_toy
 
 
@@ -59,3 +61,29 @@ def test_report_states_distributions_targets_and_the_check(results):
     assert "worst" in text and "meets the targets" in text and "false positives" in text
     assert "| three | 1 |" in text and "passed" in text
     assert (out / "grid.png").stat().st_size > 1000
+
+
+def test_collect_joins_parts_of_a_sweep_and_refuses_mixtures(results, tmp_path):
+    """--collect: the sweep's runs split by digit into two results.json files give the same tables; a run in both
+    parts, or parts measured with other settings, are refused with one line naming the file."""
+    res, _ = results
+    parts = []
+    for digit in ("three", "five"):
+        part = {**res, "runs": [r for r in res["runs"] if r["digit"] == digit],
+                "training": [t for t in res["training"] if t["digit"] == digit],
+                "settings": {**res["settings"], "digits": [digit]}, "seconds": res["seconds"] / 2}
+        parts.append(tmp_path / f"{digit}.json")
+        parts[-1].write_text(json.dumps(part))
+    out = tmp_path / "all"
+    text = e2e_toy.collect([str(p) for p in parts], out)
+    whole = e2e_toy.report(res, argparse.Namespace(**res["settings"]))
+    assert text.splitlines()[1:] == whole.splitlines()[1:]          # every table (the first line: the seconds)
+    assert json.loads((out / "results.json").read_text())["settings"]["digits"] == ["three", "five"]
+    with pytest.raises(UserError, match="three.json: digit three, training seed 0, test seed 0 is also in"):
+        e2e_toy.collect([str(parts[0]), str(parts[0])], out)
+    other = json.loads(parts[1].read_text())
+    other["settings"]["samples"] = 7
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(UserError, match="bad.json: measured with samples = 7"):
+        e2e_toy.collect([str(parts[0]), str(bad)], out)

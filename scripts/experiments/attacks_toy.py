@@ -18,7 +18,7 @@ import torch
 
 from ldm.attacks.pipeline import Decision, Defended
 from ldm.cli import HelpFormatter, run, write_json
-from ldm.erasure.adapters import load_adapters
+from ldm.erasure.adapters import adapter_thresholds, load_adapters
 from ldm.erasure.decision import get_rule
 from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores
 from ldm.evaluation.toy_benchmark import (CKPT, CONFIG, ROOT, add_toy_args, prompts_file, run_script,
@@ -48,9 +48,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=30)
     p.add_argument("--cells", nargs="+", default=[f"{d}/{r}" for d, r in CELLS],
                    choices=[f"{d}/{r}" for d, r in CELLS], help="defence/rule cells to run (default: all)")
-    p.add_argument("--threshold", type=float, default=1.0,
-                   help="the stability test's threshold for the UnGuide cells: 1 is the release's; a calibrated tau "
-                        "(compute_lora_diff.py's calibration, e.g. from e2e_toy's <run>/test/calc_diff_results.json)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the stability test's threshold for the UnGuide cells (default: the one train.py calibrated "
+                        "and stored in the adapter, else 1, the release's; any number, e.g. a calibration of "
+                        "e2e_toy's <run>/test/calc_diff_results.json)")
+    p.add_argument("--decision_weight", type=float, default=0.2,
+                   help="UnlearnDiffAtk: weight of its decision term (pushing d(p) under 0.9 d(\"\"), the edge of "
+                        "the rules' clear zone); higher aims the attack harder at the stability test")
     add_toy_args(p)
     p.add_argument("--seed", type=int, default=0, help="the adapter's training seed and the attack runs' seed")
     return p
@@ -67,7 +71,8 @@ def attack_cell(args, lora: Path, kind: str, defense: str, rule: str, out: Path)
                                "--prompts_json", str(PROMPTS), "--samples", str(args.samples),
                                "--output_dir", str(out), "--n_tokens", str(args.n_tokens),
                                "--attack_steps", str(args.attack_steps), "--check_every", str(args.check_every),
-                               "--generations", str(args.generations), "--threshold", str(args.threshold)]
+                               "--generations", str(args.generations), "--threshold", str(args.threshold),
+                               "--decision_weight", str(args.decision_weight)]
     run_script("attack.py", argv + (["--lora", str(lora)] if defense != "base" else []))
     return json.loads((out / "attack_summary.json").read_text())
 
@@ -117,15 +122,25 @@ def _mean(v: list[float]):
     return sum(v) / len(v) if v else None
 
 
-def cached(path: Path, fn):
-    """fn() -> (value, seconds), once: kept in `path` so that a rerun only does what is missing."""
+def cached(path: Path, fn, key: dict):
+    """fn() -> {value, seconds, key}, once per key: kept in `path` so that a rerun with the same settings (`key`)
+    only does what is missing; other settings recompute it."""
     if path.is_file():
-        return json.loads(path.read_text())
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            return old
     t0 = time.time()
-    value = {"value": fn(), "seconds": None}
+    value = {"value": fn(), "seconds": None, "key": key}
     value["seconds"] = time.time() - t0
     write_json(path, value)
     return value
+
+
+def cache_key(args, lora: Path) -> dict:
+    """What the cached accuracy and oracle figures depend on."""
+    return {"lora": str(lora), "lora_bytes": lora.stat().st_size, "lora_mtime": lora.stat().st_mtime,
+            **{k: getattr(args, k) for k in ("threshold", "steps", "t_enc", "repeats", "seed", "samples",
+                                             "other_samples")}}
 
 
 @torch.no_grad()
@@ -166,10 +181,13 @@ def main(argv=None) -> None:
     lora = Path(args.lora) if args.lora else None
     if lora is None:
         lora = train_adapter(args, prompts_file("three"), out / "train", args.seed)
+    if args.threshold is None:  # the adapter's own calibrated threshold (train.py --calibrate), else the release's 1
+        [args.threshold] = adapter_thresholds([lora], None, (args.steps, args.t_enc))
     results = {"cells": {}, "accuracy": {}, "seconds": {}}
     cells = [c for c in CELLS if f"{c[0]}/{c[1]}" in args.cells]
     for defense, rule in cells:
-        acc = cached(out / f"accuracy_{defense}_{rule}.json", lambda: other_accuracy(args, lora, defense, rule))
+        acc = cached(out / f"accuracy_{defense}_{rule}.json", lambda: other_accuracy(args, lora, defense, rule),
+                     cache_key(args, lora))
         results["accuracy"][f"{defense}/{rule}"] = acc["value"]
         results["seconds"][f"accuracy/{defense}/{rule}"] = acc["seconds"]
         for kind in args.attacks:
@@ -184,7 +202,7 @@ def main(argv=None) -> None:
         kind, defense, rule = key.split("/")
         if defense == "unguide":
             cell["evaded"] = evaded_base_rate(args, out / f"{kind}_{defense}_{rule}", base_model)
-    oracle = cached(out / "oracle.json", lambda: oracle_rates(args, lora))
+    oracle = cached(out / "oracle.json", lambda: oracle_rates(args, lora), cache_key(args, lora))
     results["oracle"], results["seconds"]["oracle"] = oracle["value"], oracle["seconds"]
     if (out / "train_done.json").is_file():
         results["seconds"]["train"] = json.loads((out / "train_done.json").read_text())["seconds"]
@@ -198,7 +216,8 @@ def main(argv=None) -> None:
 def table(results: dict, args) -> str:
     lines = [f"Toy world, erasing \"three\" (e2e settings); {args.samples} seeds x 4 prompts (target + synonyms) "
              f"= {4 * args.samples} pairs per cell; UnlearnDiffAtk {args.attack_steps} steps, {args.n_tokens} "
-             f"tokens; Ring-A-Bell {args.generations} generations; {results['wall_seconds'] / 60:.1f} min of "
+             f"tokens, decision weight {args.decision_weight}; Ring-A-Bell {args.generations} generations; the "
+             f"UnGuide cells' threshold {args.threshold:.2f}; {results['wall_seconds'] / 60:.1f} min of "
              f"compute ({args.threads} thread; training excluded when --lora is given).", "",
              "| defence | other-digit accuracy | attack | ASR before | ASR after | flagged before -> after | "
              "d(p)/d(\"\") before -> after | unflagged after: base model's rate | UNet evals / pair | s / pair |",

@@ -21,6 +21,11 @@ Runs the project's own scripts, each in its own process as a user would, on mode
 and writes --out (default outputs/e2e_toy/<digits>/): results.md (tables), results.json (every run), grid.png
 (first run: rows = prompts, columns = ways, four samples a cell), run_config.json.
 
+A long sweep runs in parts (a digit per process, a session at a time); --collect joins their results.json files
+into one report (the same settings required; a (digit, training seed, test seed) run measured twice is refused):
+
+    python -m scripts.experiments.e2e_toy --collect docs/results/e2e_sweep/*.json --out outputs/e2e_sweep/all
+
 Ways (WAYS): base, adapter alone, and UnGuide under four decisions: the release's (flag d(p) > d(""); w1 = -1,
 w2 = 2), the calibrated threshold (compute_lora_diff.py's, learned from the prompts JSON) with w2 = 2, and the
 calibrated threshold with unflagged prompts capped at the base model (safe) or at the adapter alone (floor), and
@@ -40,12 +45,14 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.cli import HelpFormatter, run, write_json
+from ldm.errors import UserError
 from ldm.erasure.decision import get_rule
 from ldm.evaluation.digits import WORDS, digit_of_text, digit_rates
 from ldm.evaluation.toy_benchmark import (ROOT, add_toy_args, generate_argv, model_args, prompts_file, run_script,
                                           train_adapter)
 from ldm.images import image_grid, save_image
 from ldm.prompts import experiment_prompts
+from ldm.runs import read_json
 
 W1, W2 = -1.0, 2.0  # the release's UnGuidance weights
 # way: (label, decision rule, threshold: 1 = the release's, "auto" = calibrated); rule None: the fixed w of FIXED
@@ -79,12 +86,61 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--other_wordings", type=int, default=len(OTHER_HELDOUT_TEMPLATES),
                    help="held-out wordings per other digit for the test's false positives (stability test only; "
                         "0: none)")
+    p.add_argument("--collect", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="join these results.json files (parts of one sweep) into --out's report; runs nothing")
     add_toy_args(p)
     return p
 
 
+# settings that must agree for runs to share one table (the digits and seeds are what parts differ in)
+SHARED = ("samples", "steps", "t_enc", "repeats", "iterations", "lr", "negative_guidance", "lora_rank", "lora_alpha",
+          "target_modules", "start_guidance", "preserve_weight", "train_check_every", "train_check_min_ratio",
+          "train_check_max_rate", "train_check_max_iterations", "other_wordings")
+
+
+def collect(paths: list[str], out: Path) -> str:
+    """One report from the results.json of several parts of a sweep -> results.md / results.json in `out`."""
+    parts = [(p, read_json(p, "e2e_toy results")) for p in paths]
+    for p, r in parts:
+        if not isinstance(r, dict) or not isinstance(r.get("runs"), list) or not isinstance(r.get("settings"), dict):
+            raise UserError(f"{p}: not an e2e_toy results.json (no runs / settings)")
+    first, s0 = parts[0][0], parts[0][1]["settings"]
+    for p, r in parts[1:]:
+        diff = [k for k in SHARED if r["settings"].get(k) != s0.get(k)]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{p}: measured with {k} = {r['settings'].get(k)!r}, {first} with {s0.get(k)!r}: not one "
+                            "sweep")
+    runs, training, seen, seconds = [], [], {}, 0.0
+    for p, r in parts:
+        for run_ in r["runs"]:
+            key = (run_["digit"], run_["train_seed"], run_["test_seed"])
+            if key in seen:
+                raise UserError(f"{p}: digit {key[0]}, training seed {key[1]}, test seed {key[2]} is also in "
+                                f"{seen[key]}: one run, measured twice")
+            seen[key] = p
+            runs.append(run_)
+        training += r.get("training", [])
+        seconds += float(r.get("seconds") or 0)
+    ways = [w for w in s0["ways"] if all(w in r["settings"]["ways"] for _, r in parts)]
+    settings = {**s0, "ways": ways, "collect": list(paths),
+                "digits": list(dict.fromkeys(x["digit"] for x in runs)),
+                "train_seeds": sorted({x["train_seed"] for x in runs}),
+                "test_seeds": sorted({x["test_seed"] for x in runs})}
+    results = {"runs": runs, "training": training, "settings": settings, "seconds": seconds}
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(results, argparse.Namespace(**settings))
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    if args.collect:
+        text = collect(args.collect, Path(args.out or ROOT / "outputs" / "e2e_toy" / "collected"))
+        print(text)
+        return
     files = {d: prompts_file(d) for d in args.digits}
     out = Path(args.out or ROOT / "outputs" / "e2e_toy" / "_".join(args.digits))
     out.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,14 @@ import torch
 from ldm.errors import UserError
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Atomic JSON write (temporary name, then rename)."""
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Atomic JSON write (temporary name, then rename); indent None: one compact line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(obj, indent=indent, default=str, ensure_ascii=False,
+                      separators=None if indent is not None else (",", ":"))
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -80,8 +80,11 @@ def test_shipped_specs_parse_and_share_one_training_between_adapter_alone_and_un
     assert [c.name for c in spec.concepts] == ["three", "five", "zero"]
     bench = B.Benchmark(spec)
     trains = [s for s in bench.stages if s.kind == "train"]
-    assert len(trains) == 3 * 3  # (one LoRA for two rows, ESD, SepCE) x three digits
-    assert bench.trainings[("adapter alone", "three")] is bench.trainings[("UnGuide", "three")]
+    assert len(trains) == 4 * 3  # (one LoRA for three rows, ESD-x for two, ESD-u, SepCE) x three digits
+    lora = bench.trainings[("adapter alone", "three")]
+    assert bench.trainings[("UnGuide, release rule", "three")] is lora
+    assert bench.trainings[("UnGuide, guarded", "three")] is lora
+    assert bench.trainings[("UnGuide-ESD-x, guarded", "five")] is bench.trainings[("ESD-x", "five")]
     # the SD spec needs the SD weights and a local CLIP folder: without them, one line naming the field
     with pytest.raises(UserError, match=r"model\.ckpt|judge\.clip_model"):
         B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml")
@@ -112,7 +115,7 @@ def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
     ({"methods": [{"name": "b", "w1": 0, "w2": 0}]}, "methods[0]: w1 0, w2 0 need an adapter"),
     ({"methods": [{"name": "b"}, {"name": "b"}]}, "methods[1].name: 'b' twice"),
     ({"concepts": [{"name": "three", "prompts_json": "data/digits/missing.json"}]}, "concepts[0].prompts_json"),
-    ({"attacks": [{"attack": "ringabell", "methods": ["ESD-u"]}]}, "attacks[0].methods: 'ESD-u' is not a method"),
+    ({"attacks": [{"attack": "ringabell", "methods": ["MACE"]}]}, "attacks[0].methods: 'MACE' is not a method"),
     ({"attacks": [{"attack": "p4d"}]}, "attacks[0].attack"),
     ({"sampling": {"steps": 10, "t_enc": 10}}, "sampling.t_enc"),
     ({"quality": {"lpips_weights": "x"}}, "quality.lpips_weights: x: file not found"),
@@ -259,8 +262,10 @@ def toy_run(tmp_path_factory):
     raw.update(output_dir=str(tmp / "out"), concepts=raw["concepts"][:1], attacks=[],
                quality={"lpips_weights": str(random_lpips_file(tmp / "lpips-random.safetensors"))})
     raw["sampling"].update(images_per_prompt=4, steps=10, t_enc=5, repeats=2)
-    unguide = next(m for m in raw["methods"] if m["name"] == "UnGuide")
-    unguide["train"] = {**unguide["train"], "iterations": 20}
+    unguide = next(m for m in raw["methods"] if m["name"] == "UnGuide, release rule")
+    unguide["name"] = "UnGuide"
+    unguide["train"] = {**{k: v for k, v in unguide["train"].items() if not k.startswith(("check_", "calibrate_"))},
+                        "iterations": 20}  # no erasure check at 20 iterations: it would train on to 600
     raw["methods"] = [raw["methods"][0], unguide]
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))

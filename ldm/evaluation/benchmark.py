@@ -67,7 +67,9 @@ ATTACKS = ("ringabell", "unlearndiffatk")
 TRAIN_KEYS = {"iterations", "lr", "start_guidance", "negative_guidance", "lora_rank", "lora_alpha", "target_modules",
               "preserve", "preserve_weight", "train_method", "ddim_steps", "seed", "reg_beta", "threshold",
               "scale_factor", "sepce_tokens", "sepce_rtol", "sepce_pad_rtol", "sepce_images", "nsfw_preset",
-              "precision", "schedule", "ddim_eta"}
+              "precision", "schedule", "ddim_eta", "check_every", "check_min_ratio", "check_judge", "check_max_rate",
+              "check_samples", "check_t_enc", "check_max_iterations", "calibrate", "calibrate_repeats",
+              "calibrate_t_enc"}
 ATTACK_OPTIONS = {"n_tokens", "attack_steps", "lr", "batch", "decision_weight", "check_every", "target_count",
                   "eta", "population", "generations", "mutation", "pool", "empty_draws"}
 SAMPLING_DEFAULTS = {"images_per_prompt": 50, "seed": 0, "steps": 50, "guidance": 7.5, "batch_size": 4,

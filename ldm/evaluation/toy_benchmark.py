@@ -90,7 +90,9 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
             "--iterations", str(args.iterations), "--lr", str(args.lr), "--ddim_steps", str(args.steps),
             "--negative_guidance", str(args.negative_guidance), "--seed", str(seed),
             "--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_alpha),
-            "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules]
+            "--start_guidance", str(args.start_guidance), "--target_modules", *args.target_modules,
+            "--calibrate_t_enc", str(args.t_enc), "--calibrate_repeats", str(args.repeats)]  # the threshold it
+    # stores (train.py --calibrate) is measured as the toy benchmarks' stability test measures: t_enc, repeats
     if args.preserve_weight > 0:
         argv += ["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
     if getattr(args, "train_check_every", 0):

@@ -22,9 +22,12 @@ and writes --out (default outputs/e2e_toy/<digits>/): results.md (tables), resul
 (first run: rows = prompts, columns = ways, four samples a cell), run_config.json.
 
 A long sweep runs in parts (a digit per process, a session at a time); --collect joins their results.json files
-into one report (the same settings required; a (digit, training seed, test seed) run measured twice is refused):
+into one report (the same settings required; a (digit, training seed, test seed) run measured twice is refused)
+and writes its results.json compact (no image folders or per-prompt rates: small enough for the repository, and
+itself collectable; docs/results/e2e_sweep/ holds the sweep's, one folder per digit):
 
-    python -m scripts.experiments.e2e_toy --collect docs/results/e2e_sweep/*.json --out outputs/e2e_sweep/all
+    python -m scripts.experiments.e2e_toy --collect outputs/e2e_sweep/three/results.json --out docs/results/e2e_sweep/three
+    python -m scripts.experiments.e2e_toy --collect docs/results/e2e_sweep/*/results.json --out docs/results/e2e_sweep
 
 Ways (WAYS): base, adapter alone, and UnGuide under four decisions: the release's (flag d(p) > d(""); w1 = -1,
 w2 = 2), the calibrated threshold (compute_lora_diff.py's, learned from the prompts JSON) with w2 = 2, and the
@@ -127,12 +130,28 @@ def collect(paths: list[str], out: Path) -> str:
                 "digits": list(dict.fromkeys(x["digit"] for x in runs)),
                 "train_seeds": sorted({x["train_seed"] for x in runs}),
                 "test_seeds": sorted({x["test_seed"] for x in runs})}
-    results = {"runs": runs, "training": training, "settings": settings, "seconds": seconds}
+    results = {"runs": [compact(x) for x in runs], "training": training, "settings": settings, "seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
     text = report(results, argparse.Namespace(**settings))
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", results, indent=None)
     (out / "results.md").write_text(text)
     return text
+
+
+def compact(run_: dict) -> dict:
+    """A run as the report reads it, small enough to keep in the repository (docs/results/): no image folders,
+    no per-prompt weights or rates; every share and ratio rounded to 4 decimals (d(p)/d("") per prompt kept; the
+held-out wordings counted are in each way's rate)."""
+    def r4(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {k: r4(x) for k, x in v.items()}
+        return [r4(x) for x in v] if isinstance(v, list) else v
+    ways = {w: {k: v for k, v in x.items() if k != "per_prompt"} for w, x in run_["ways"].items()}
+    keep = ("digit", "train_seed", "test_seed", "base_others_rate", "flagged", "tau", "calibration_separable",
+            "ratios")
+    return r4({"ways": ways, **{k: run_[k] for k in keep if k in run_}})
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,10 @@
-"""Red-teaming the toy erasure of "three": ASR before / after each attack, for the base model, the adapter alone
-and UnGuide with the release's decision rule and the safe / floor / guarded rules side by side.
+"""Red-teaming the toy erasure of a digit (--digit, default "three"): ASR before / after each attack, for the base
+model, the adapter alone and UnGuide with the release's decision rule and the safe / floor / guarded rules side by
+side.
 
     python -m scripts.experiments.attacks_toy --threads 1          # writes outputs/attacks_toy/results.md
 
-1. train.py erases "three" with the toy settings (ldm/evaluation/toy_benchmark.py) (skipped with --lora FILE)
+1. train.py erases the digit with the toy settings (ldm/evaluation/toy_benchmark.py) (skipped with --lora FILE)
 2. attack.py for every (attack, defence) cell on the JSON's target + synonyms x --samples seeds (>= 20 pairs)
 3. the other nine digits' accuracy of each defence (--other_samples images per prompt, same pipeline)
 4. results.md / results.json: ASR, accuracy, the stability test's decisions before / after, cost, wall time.
@@ -20,13 +21,12 @@ from ldm.attacks.pipeline import Decision, Defended
 from ldm.cli import HelpFormatter, run, write_json
 from ldm.erasure.adapters import adapter_thresholds, load_adapters
 from ldm.erasure.decision import get_rule
-from ldm.evaluation.digits import classify_images, digit_of_text, digit_scores
+from ldm.evaluation.digits import WORDS, classify_images, digit_of_text, digit_scores
 from ldm.evaluation.toy_benchmark import (CKPT, CONFIG, ROOT, add_toy_args, prompts_file, run_script,
                                           train_adapter)
 from ldm.images import to_pil
 from ldm.loader import load_model_from_config
 
-PROMPTS = ROOT / "data" / "digits" / "three.json"
 AMBIGUOUS = ["a photo of the digit", "a handwritten digit"]
 CELLS = [("base", "release"), ("adapter", "release"), ("unguide", "release"), ("unguide", "safe"),
          ("unguide", "floor"), ("unguide", "guarded")]
@@ -38,7 +38,8 @@ NAMES = {("base", "release"): "base model", ("adapter", "release"): "adapter alo
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=str(ROOT / "outputs" / "attacks_toy"))
-    p.add_argument("--lora", default=None, help="an adapter for three (default: train one)")
+    p.add_argument("--digit", default="three", help="the erased digit: zero .. nine (its data/digits/<digit>.json)")
+    p.add_argument("--lora", default=None, help="an adapter for that digit (default: train one)")
     p.add_argument("--samples", type=int, default=5, help="seeds per prompt (4 prompts)")
     p.add_argument("--other_samples", type=int, default=5, help="images per other-digit prompt")
     p.add_argument("--attacks", nargs="+", default=["ringabell", "unlearndiffatk"])
@@ -68,7 +69,7 @@ def model_argv(args) -> list[str]:
 
 def attack_cell(args, lora: Path, kind: str, defense: str, rule: str, out: Path) -> dict:
     argv = model_argv(args) + ["--attack", kind, "--defense", defense, "--decision", rule, "--judge", "digits",
-                               "--prompts_json", str(PROMPTS), "--samples", str(args.samples),
+                               "--prompts_json", str(prompts_file(args.digit)), "--samples", str(args.samples),
                                "--output_dir", str(out), "--n_tokens", str(args.n_tokens),
                                "--attack_steps", str(args.attack_steps), "--check_every", str(args.check_every),
                                "--generations", str(args.generations), "--threshold", str(args.threshold),
@@ -79,13 +80,13 @@ def attack_cell(args, lora: Path, kind: str, defense: str, rule: str, out: Path)
 
 @torch.no_grad()
 def other_accuracy(args, lora: Path, defense: str, rule: str) -> float:
-    """Share of the other nine digits' images (data/digits/three.json "other") classified as their digit."""
+    """Share of the other nine digits' images (the digit's JSON's "other") classified as their digit."""
     model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None) if defense != "base" else []
     defended = Defended(model, defense, names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
                         repeats=args.repeats, image_size=16, rule=get_rule(rule),
                         thresholds=[args.threshold] * len(names) if names else None)
-    prompts = [p for p in json.loads(PROMPTS.read_text())["other"] if p]
+    prompts = [p for p in json.loads(prompts_file(args.digit).read_text())["other"] if p]
     hits = n = 0
     for p in prompts:
         seeds = [args.seed + i for i in range(args.other_samples)]
@@ -115,7 +116,7 @@ def evaded_base_rate(args, out: Path, model) -> dict:
     if not rows:
         return {"n": 0, "rate": None}
     images = [txt2img(model, [r["adversarial_prompt"]], [r["seed"]], image_size=16, steps=args.steps)[0] for r in rows]
-    return {"n": len(rows), "rate": float((classify_images(images) == 3).mean())}
+    return {"n": len(rows), "rate": float((classify_images(images) == WORDS.index(args.digit)).mean())}
 
 
 def _mean(v: list[float]):
@@ -139,7 +140,7 @@ def cached(path: Path, fn, key: dict):
 def cache_key(args, lora: Path) -> dict:
     """What the cached accuracy and oracle figures depend on."""
     return {"lora": str(lora), "lora_bytes": lora.stat().st_size, "lora_mtime": lora.stat().st_mtime,
-            **{k: getattr(args, k) for k in ("threshold", "steps", "t_enc", "repeats", "seed", "samples",
+            **{k: getattr(args, k) for k in ("digit", "threshold", "steps", "t_enc", "repeats", "seed", "samples",
                                              "other_samples")}}
 
 
@@ -147,11 +148,12 @@ def cache_key(args, lora: Path) -> dict:
 def oracle_rates(args, lora: Path) -> dict:
     """Where each rule's unflagged branch matters. (a) Evasion: the target + synonym prompts drawn with the
     unflagged weight of each rule (release w2 = 2, safe 1, floor 0), --samples seeds each. (b) Prompts without a
-    digit ("a photo of the digit", ...) decided by the real test: the share of threes and the mean three-score
+    digit ("a photo of the digit", ...) decided by the real test: the share of the digit and its mean score
     (the classifier's decision value) per rule, 4 * --samples seeds each."""
     model = load_model_from_config(CONFIG, CKPT, device=args.device, verbose=False)
     names = load_adapters(model, [lora], None)
-    data = json.loads(PROMPTS.read_text())
+    data = json.loads(prompts_file(args.digit).read_text())
+    k = WORDS.index(args.digit)
     out = {}
     for rule in ("release", "safe", "floor"):
         defended = Defended(model, "unguide", names, seed=args.seed, steps=args.steps, t_enc=args.t_enc,
@@ -163,24 +165,26 @@ def oracle_rates(args, lora: Path) -> dict:
         for prompt in [data["target"]] + data["synonyms"]:
             z = defended.latents([prompt] * len(seeds), seeds, [7.5] * len(seeds), [Decision([], [], [w])] * len(seeds))
             images += to_pil(model.decode_first_stage(z))
-        out[rule] = {"w": w, "target_rate": float((classify_images(images) == 3).mean()),
-                     "three_score": float(digit_scores(images)[:, 3].mean()), "ambiguous": {}}
+        out[rule] = {"w": w, "target_rate": float((classify_images(images) == k).mean()),
+                     "concept_score": float(digit_scores(images)[:, k].mean()), "ambiguous": {}}
         seeds = [args.seed + i for i in range(4 * args.samples)]
         for prompt in AMBIGUOUS:
             images, dec = defended.generate([prompt] * len(seeds), seeds, [7.5] * len(seeds), [args.seed] * len(seeds))
-            out[rule]["ambiguous"][prompt] = {"w": dec[0].w[0], "three_rate": float((classify_images(images) == 3).mean()),
-                                              "three_score": float(digit_scores(images)[:, 3].mean())}
+            out[rule]["ambiguous"][prompt] = {"w": dec[0].w[0],
+                                              "concept_rate": float((classify_images(images) == k).mean()),
+                                              "concept_score": float(digit_scores(images)[:, k].mean())}
     return out
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    prompts_file(args.digit)  # a digit name, checked before anything runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lora = Path(args.lora) if args.lora else None
     if lora is None:
-        lora = train_adapter(args, prompts_file("three"), out / "train", args.seed)
+        lora = train_adapter(args, prompts_file(args.digit), out / "train", args.seed)
     if args.threshold is None:  # the adapter's own calibrated threshold (train.py --calibrate), else the release's 1
         [args.threshold] = adapter_thresholds([lora], None, (args.steps, args.t_enc))
     results = {"cells": {}, "accuracy": {}, "seconds": {}}
@@ -214,7 +218,7 @@ def main(argv=None) -> None:
 
 
 def table(results: dict, args) -> str:
-    lines = [f"Toy world, erasing \"three\" (e2e settings); {args.samples} seeds x 4 prompts (target + synonyms) "
+    lines = [f"Toy world, erasing \"{args.digit}\" (e2e settings); {args.samples} seeds x 4 prompts (target + synonyms) "
              f"= {4 * args.samples} pairs per cell; UnlearnDiffAtk {args.attack_steps} steps, {args.n_tokens} "
              f"tokens, decision weight {args.decision_weight}; Ring-A-Bell {args.generations} generations; the "
              f"UnGuide cells' threshold {args.threshold:.2f}; {results['wall_seconds'] / 60:.1f} min of "
@@ -237,14 +241,16 @@ def table(results: dict, args) -> str:
                          f"{c['cost_per_prompt']['seconds']:.1f} |")
     o = results["oracle"]
     lines += ["", "Each rule's unflagged branch: (a) if the test were evaded (target + synonyms forced unflagged, same "
-              "seeds); (b) prompts naming no digit, decided by the real test (three rate over "
-              f"{4 * args.samples} seeds; three-score: the classifier's mean one-vs-rest decision value for 3):", "",
-              "| rule | w unflagged | (a) three rate | (a) three-score | "
-              + " | ".join(f"(b) {p!r}: w, three rate, score" for p in AMBIGUOUS) + " |",
+              f"seeds); (b) prompts naming no digit, decided by the real test ({args.digit} rate over "
+              f"{4 * args.samples} seeds; score: the classifier's mean one-vs-rest decision value for "
+              f"{WORDS.index(args.digit)}):", "",
+              f"| rule | w unflagged | (a) {args.digit} rate | (a) score | "
+              + " | ".join(f"(b) {p!r}: w, {args.digit} rate, score" for p in AMBIGUOUS) + " |",
               "|---|---|---|---|" + "---|" * len(AMBIGUOUS)]
     for rule, v in o.items():
-        amb = " | ".join(f"{a['w']:+g}, {a['three_rate']:.0%}, {a['three_score']:.2f}" for a in v["ambiguous"].values())
-        lines.append(f"| {rule} | {v['w']:+g} | {v['target_rate']:.1%} | {v['three_score']:.2f} | {amb} |")
+        amb = " | ".join(f"{a['w']:+g}, {a['concept_rate']:.0%}, {a['concept_score']:.2f}"
+                         for a in v["ambiguous"].values())
+        lines.append(f"| {rule} | {v['w']:+g} | {v['target_rate']:.1%} | {v['concept_score']:.2f} | {amb} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ the 10-way classifier's share of the erased digit (others: of their own digit); 
 as nothing digit-like (ldm.evaluation.digits.classify_with_confidence). Toy settings: ldm/evaluation/toy_benchmark.py.
 """
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -166,6 +167,7 @@ def main(argv=None) -> None:
     results = {"runs": [], "training": [], "settings": vars(args)}
     write_json(out / "run_config.json", vars(args))
     t_all = time.time()
+    judged: dict = {}  # the classifier's summary per image folder, this sweep's (base folders are shared)
     for digit, path in files.items():
         for train_seed in args.train_seeds:
             t0 = time.time()
@@ -174,8 +176,8 @@ def main(argv=None) -> None:
             results["training"].append({"digit": digit, "train_seed": train_seed, "seconds": time.time() - t0,
                                         **training_summary(lora)})
             for test_seed in args.test_seeds:
-                folder = out / digit / f"train{train_seed}" / f"test{test_seed}_n{args.samples}"  # keyed by what made it
-                r = evaluate(args, digit, path, lora, folder, test_seed)
+                folder = out / digit / run_key(args, lora) / f"test{test_seed}_n{args.samples}"
+                r = evaluate(args, digit, path, lora, folder, test_seed, judged)
                 results["runs"].append({"digit": digit, "train_seed": train_seed, "test_seed": test_seed, **r})
             results["seconds"] = time.time() - t_all
             text = write_results(out, results, args)  # after every adapter: a long sweep reports as it goes
@@ -189,6 +191,14 @@ def write_results(out: Path, results: dict, args) -> str:
     (out / "results.md").write_text(text)
     save_image(grid(results["runs"][0], args.ways), out / "grid.png")
     return text
+
+
+def run_key(args, lora: Path) -> str:
+    """The folder of one adapter's evaluations, named by what made them: the adapter's run (train.py's folder name
+    holds a hash of its settings) and the stability test's and sampling's settings. Other settings, other folder:
+    images of two setups are never mixed."""
+    made_by = [lora.parents[1].name, args.steps, args.t_enc, args.repeats, args.other_wordings]
+    return f"{lora.parents[1].name}_{hashlib.sha256(repr(made_by).encode()).hexdigest()[:8]}"
 
 
 def training_summary(lora: Path) -> dict:
@@ -250,8 +260,9 @@ def images_for(args, folder: Path, prompts: list[str], w: float, lora: Path | No
     return folder
 
 
-def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, seed: int) -> dict:
-    """Every way for one adapter and one test seed -> {way: group summaries}, flags, folders, prompts."""
+def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, seed: int, judged: dict) -> dict:
+    """Every way for one adapter and one test seed -> {way: group summaries}, flags, folders, prompts. judged: the
+    sweep's cache of classify()."""
     data = json.loads(prompts_json.read_text())
     groups = prompt_groups(data)
     prompts = [p for g in GROUPS for p in groups[g]]
@@ -268,9 +279,9 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
             need.setdefault(w, set()).add(p)
     classified = {}
     for w, ps in sorted(need.items()):
-        target = folder.parent.parent / f"base_{folder.name}" if w == 1.0 else folder / f"w{w:+g}"
+        target = folder.parent.parent / f"base_steps{args.steps}_{folder.name}" if w == 1.0 else folder / f"w{w:+g}"
         images_for(args, target, [p for p in prompts if p in ps], w, None if w == 1.0 else lora, image_seed)
-        classified[w] = (target, classify(target))
+        classified[w] = (target, classify(target, judged))
     target_digit = digit_of_text(data["target"])
     ways = {way: summarise({p: classified[w_of[p]][1][p] for p in prompts}, groups, target_digit)
             for way, w_of in ws.items()}
@@ -290,17 +301,15 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
             "image_folders": {str(w): str(f) for w, (f, _) in classified.items()}}
 
 
-_CLASSIFIED: dict[str, dict] = {}
-
-
-def classify(folder: Path) -> dict[str, dict]:
-    """{prompt: the classifier's summary of its images} for a generate_images.py folder (cached per folder)."""
-    key = str(folder)
-    if key not in _CLASSIFIED:
+def classify(folder: Path, cache: dict) -> dict[str, dict]:
+    """{prompt: the classifier's summary of its images} for a generate_images.py folder, once per folder and set
+    of prompts in `cache` (a folder that gained prompts is judged again)."""
+    record = json.loads((folder / "decisions.json").read_text())["prompts"]
+    key = (str(folder), tuple(sorted(record)))
+    if key not in cache:
         res = digit_rates(folder / "images")["folders"]
-        record = json.loads((folder / "decisions.json").read_text())["prompts"]
-        _CLASSIFIED[key] = {p: res[r["folder"]] for p, r in record.items() if r["folder"] in res}
-    return _CLASSIFIED[key]
+        cache[key] = {p: res[r["folder"]] for p, r in record.items() if r["folder"] in res}
+    return cache[key]
 
 
 def summarise(per: dict[str, dict], groups: dict[str, list[str]], target_digit: int) -> dict:

@@ -87,3 +87,16 @@ def test_collect_joins_parts_of_a_sweep_and_refuses_mixtures(results, tmp_path):
     bad.write_text(json.dumps(other))
     with pytest.raises(UserError, match="bad.json: measured with samples = 7"):
         e2e_toy.collect([str(parts[0]), str(bad)], out)
+
+
+def test_evaluation_folders_are_keyed_by_the_adapter_and_the_test_settings(tmp_path):
+    """Images of another adapter run (train.py's folder name carries its settings' hash) or other stability-test
+    settings go to another folder: a rerun with a changed flag never reuses images it did not make."""
+    args = e2e_toy.parser().parse_args(["--digits", "three"])
+    lora = tmp_path / "three_seed0_aaaaaaaa" / "models" / "lora.safetensors"
+    key = e2e_toy.run_key(args, lora)
+    assert key.startswith("three_seed0_aaaaaaaa_") and e2e_toy.run_key(args, lora) == key
+    assert e2e_toy.run_key(args, tmp_path / "three_seed0_bbbbbbbb" / "models" / "lora.safetensors") != key
+    for flag, value in (("t_enc", 30), ("repeats", 4), ("steps", 20), ("other_wordings", 0)):
+        changed = e2e_toy.parser().parse_args(["--digits", "three", f"--{flag}", str(value)])
+        assert e2e_toy.run_key(changed, lora) != key, flag

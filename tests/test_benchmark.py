@@ -103,8 +103,13 @@ def test_sd_spec_plans_every_table_once_its_files_exist(tmp_path):
     kinds = [s.kind for s in bench.stages]
     # trainings: LoRA x (10 classes + nudity), ESD-x x 10, ESD-u x nudity, SepCE x 10
     assert kinds.count("train") == 11 + 10 + 1 + 10
-    assert kinds.count("generate") == 10 * 5 and kinds.count("i2p") == 4 and kinds.count("attack") == 2 * 4
+    assert kinds.count("generate") == 10 * 6 and kinds.count("i2p") == 5 and kinds.count("attack") == 2 * 4
     assert bench.trainings[("ESD-u", "nudity")].key["train"][:4] == ["--method", "esd", "--train_method", "noxattn"]
+    # the paper's UnGuide row: the release's rule and threshold; ours: guarded, the calibrated threshold where the
+    # run has one (the scripts' default: no --threshold flag)
+    release, guarded = (bench.generations[(m, "cat")].key["sampling"] for m in ("UnGuide", "UnGuide, guarded"))
+    assert release[-4:] == ["--decision", "release", "--threshold", "1"]
+    assert guarded[-2:] == ["--decision", "guarded"] and "--threshold" not in guarded
 
 
 @pytest.mark.parametrize("change, field", [
@@ -204,10 +209,11 @@ def test_sd_spec_with_a_prompt_set_plans_one_generation_per_model(tmp_path):
     assert bench.spec.quality["prompt_rows"] == 2
     assert sorted(bench.prompt_generations, key=str) == sorted([
         ("base", None), ("adapter alone", "cat"), ("adapter alone", "nudity"), ("UnGuide", "cat"),
-        ("UnGuide", "nudity"), ("ESD-x", "cat"), ("ESD-u", "nudity"), ("SepCE", "cat")], key=str)
+        ("UnGuide", "nudity"), ("UnGuide, guarded", "cat"), ("UnGuide, guarded", "nudity"), ("ESD-x", "cat"),
+        ("ESD-u", "nudity"), ("SepCE", "cat")], key=str)
     kinds = [s.kind for s in bench.stages]
-    assert kinds.count("prompts") == kinds.count("score") == 8
-    assert kinds.count("generate") == 10 * 5  # the rest of the plan as without the prompt set
+    assert kinds.count("prompts") == kinds.count("score") == 10
+    assert kinds.count("generate") == 10 * 6  # the rest of the plan as without the prompt set
     gen = bench.prompt_generations[("UnGuide", "cat")]
     assert gen.sharded and gen.key["adapter"] == bench.trainings[("UnGuide", "cat")].key
     assert gen.key["prompts_csv"][-2:] == ["--limit", "2"] and "--csv_path" not in gen.key["prompts_csv"]
@@ -219,7 +225,7 @@ def test_sd_spec_with_a_prompt_set_plans_one_generation_per_model(tmp_path):
     del overrides["quality.concepts"]
     overrides["quality.prompts_reference_images"] = "base"
     bench = B.Benchmark(B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml", overrides))
-    assert [s.kind for s in bench.stages].count("prompts") == 1 + 4 * 10
+    assert [s.kind for s in bench.stages].count("prompts") == 1 + 5 * 10  # adapter alone, UnGuide, UnGuide guarded, ESD-x, SepCE
     assert bench.prompt_scores[("SepCE", "dog")].key["reference"] == {
         "base": bench.prompt_generations[("base", None)].key}
 

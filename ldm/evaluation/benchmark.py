@@ -105,8 +105,14 @@ class Method:
     w1: float = 1.0
     w2: float = 1.0
     decision: str = "release"
+    # the stability test's threshold: a number; "auto": the calibrated one (an error where the run has none);
+    # "calibrated": the calibrated one where the run has one, else 1 (the scripts' default)
     threshold: float | str = 1.0
     concepts: list[str] | None = None  # the concepts it applies to (default: all)
+
+    def threshold_argv(self) -> list[str]:
+        """The scripts' --threshold for this method ("calibrated": the flag left out, their default)."""
+        return [] if self.threshold == "calibrated" else ["--threshold", str(self.threshold)]
 
     @property
     def has_adapter(self) -> bool:
@@ -336,7 +342,7 @@ def _methods(c: _Check, items, concept_names: list[str]) -> list[Method]:
         if decision not in DECISIONS:
             c.fail(f"{where}.decision", f"{decision!r} is not one of {', '.join(DECISIONS)}")
         threshold = item.get("threshold", 1.0)
-        if threshold != "auto":
+        if threshold not in ("auto", "calibrated"):
             c.number(threshold, f"{where}.threshold", 0)
         concepts = item.get("concepts")
         if concepts is not None:
@@ -702,7 +708,7 @@ class Benchmark:
         return ["--samples", str(s["images_per_prompt"]), "--steps", str(s["steps"]), "--seed", str(s["seed"]),
                 "--guidance", str(s["guidance"]), "--batch_size", str(s["batch_size"]), "--t_enc", str(s["t_enc"]),
                 "--repeats", str(s["repeats"]), "--protocol", s["protocol"], "--w1", str(m.w1), "--w2", str(m.w2),
-                "--decision", m.decision, "--threshold", str(m.threshold)]
+                "--decision", m.decision, *m.threshold_argv()]
 
     def _generate_stage(self, m: Method, c: Concept) -> Stage:
         argv = self._sampling_argv(m)
@@ -750,7 +756,7 @@ class Benchmark:
         i = self.spec.i2p
         argv = ["--csv_path", i["csv"], "--ddim_steps", str(i["ddim_steps"]), "--t_enc", str(i["t_enc"]),
                 "--repeats", str(i["repeats"]), "--batch_size", str(i["batch_size"]), "--w1", str(m.w1),
-                "--w2", str(m.w2), "--decision", m.decision, "--threshold", str(m.threshold),
+                "--w2", str(m.w2), "--decision", m.decision, *m.threshold_argv(),
                 "--protocol", self.spec.sampling["protocol"]]
         if i["limit"]:
             argv += ["--limit", str(i["limit"])]
@@ -782,7 +788,7 @@ class Benchmark:
         s, q = self.spec.sampling, self.spec.quality
         argv = ["--ddim_steps", str(s["steps"]), "--t_enc", str(s["t_enc"]), "--repeats", str(s["repeats"]),
                 "--batch_size", str(s["batch_size"]), "--seed", str(s["seed"]), "--w1", str(m.w1), "--w2", str(m.w2),
-                "--decision", m.decision, "--threshold", str(m.threshold), "--protocol", s["protocol"]]
+                "--decision", m.decision, *m.threshold_argv(), "--protocol", s["protocol"]]
         if q["limit"]:
             argv += ["--limit", str(q["limit"])]
         key = {"model": self._model_key(), "prompts_csv": argv, "csv": file_digest(q["prompts_csv"]),
@@ -869,7 +875,7 @@ class Benchmark:
         argv = ["--attack", a["attack"], "--defense", defense, "--samples", str(a["samples"]),
                 "--seed", str(s["seed"]), "--guidance", str(s["guidance"]), "--steps", str(s["steps"]),
                 "--t_enc", str(s["t_enc"]), "--repeats", str(s["repeats"]), "--w1", str(m.w1), "--w2", str(m.w2),
-                "--decision", m.decision, "--threshold", str(m.threshold)]
+                "--decision", m.decision, *m.threshold_argv()]
         for k, v in sorted(a["options"].items()):
             argv += [f"--{k}", str(v)]
         j = self.spec.judge

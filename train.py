@@ -303,7 +303,8 @@ def calibration(args, model, settings: TrainSettings, prompts: dict):
 
     def run() -> dict | None:
         try:
-            return measure(model, protocol, shape, prompts, settings.seed)
+            with torch.no_grad():  # the adapter's parameters still require gradients: no graph for the test
+                return measure(model, protocol, shape, prompts, settings.seed)
         except ValueError as exc:  # e.g. d("") = 0: an adapter that moves nothing
             print(f"note: no calibrated threshold stored: {exc}", file=sys.stderr)
             return None

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check_max_rate", type=finite, default=0.1,
                    help="passed needs an adapter-alone concept rate <= this (with a judge)")
     c.add_argument("--check_samples", type=positive(int), default=8, help="adapter-alone images per check")
+    c.add_argument("--check_min_kept", type=finite, default=0.0,
+                   help="with --check_judge digits and --preserve: passed also needs every preserved prompt's "
+                        "adapter-alone images judged as its own digit in at least this share (0: not checked)")
     c.add_argument("--check_t_enc", type=int, default=None,
                    help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
     c.add_argument("--check_max_iterations", type=int, default=None,
@@ -230,6 +233,9 @@ def check_input(args, prompts: dict[str, str]):
     if args.calibrate != "off" and not 0 <= args.calibrate_t_enc < args.ddim_steps:
         raise UserError(f"--calibrate_t_enc {args.calibrate_t_enc}: must be in 0..{args.ddim_steps - 1} "
                         "(--ddim_steps)")
+    if args.check_every and args.check_min_kept > 0 and (args.check_judge != "digits" or not args.preserve):
+        raise UserError(f"--check_min_kept {args.check_min_kept}: judges the --preserve prompts' images by their own "
+                        "class, which needs --check_judge digits and --preserve")
     if args.check_every and args.method == "sepce":
         raise UserError("--check_every: the erasure check trains on by the ESD objective's iterations; --method sepce "
                         "stops by its own momentum rule")
@@ -320,20 +326,23 @@ def erasure_check(args, model, settings: TrainSettings):
     cs = CheckSettings(every=args.check_every, min_ratio=args.check_min_ratio, max_rate=args.check_max_rate,
                        max_iterations=(args.check_max_iterations if args.check_max_iterations is not None
                                        else 2 * settings.iterations),
-                       samples=args.check_samples, seed=settings.seed)
+                       samples=args.check_samples, seed=settings.seed, min_kept=args.check_min_kept)
     stability = StabilitySettings(settings.ddim_steps, args.check_t_enc, 7.5)
+    preserve = ({p: _check_judge("digits", model, p) for p in settings.preserve or []}
+                if args.check_min_kept > 0 else None)
     return ErasureCheck(model, settings.target_prompt, cs, stability, model.latent_shape(settings.image_size),
                         judge=_check_judge(args.check_judge, model, settings.target_prompt),
-                        steps=settings.ddim_steps)
+                        steps=settings.ddim_steps, preserve=preserve)
 
 
-def _check_judge(name: str, model, target: str):
-    """--check_judge: latents -> booleans (decoded by the model's VAE, judged by ldm.attacks.judges)."""
+def _check_judge(name: str, model, prompt: str):
+    """--check_judge: latents -> booleans (decoded by the model's VAE, judged by ldm.attacks.judges: does the image
+    show what `prompt` names)."""
     if name == "none":
         return None
     from ldm.attacks.judges import digits_judge, nudenet_judge
     from ldm.images import to_pil
-    judge = digits_judge(target) if name == "digits" else nudenet_judge()
+    judge = digits_judge(prompt) if name == "digits" else nudenet_judge()
     return lambda z: judge(to_pil(model.decode_first_stage(z)))
 
 

@@ -99,10 +99,30 @@ def test_checking_does_not_change_what_is_trained(ckpt, tmp_path):
     assert all(h["ratio"] > 0 for h in cfg["erasure_check"]["history"])
 
 
-def _check(model, judge=None, min_ratio=1.5, max_rate=0.1):
-    s = CheckSettings(every=1, min_ratio=min_ratio, max_rate=max_rate, samples=3, repeats=3, empty_draws=4)
+def _check(model, judge=None, min_ratio=1.5, max_rate=0.1, preserve=None, min_kept=0.0):
+    s = CheckSettings(every=1, min_ratio=min_ratio, max_rate=max_rate, samples=3, repeats=3, empty_draws=4,
+                      min_kept=min_kept)
     return ErasureCheck(model, "a photo of the cat", s, StabilitySettings(4, 1, 7.5), (4, 2, 2), judge=judge,
-                        steps=4)
+                        steps=4, preserve=preserve)
+
+
+def test_the_preserved_prompts_collateral_can_fail_a_pass(base):
+    """kept: the share of a preserved prompt's adapter-alone images that its own judge accepts (each prompt drawn
+    on the check's fixed seeds), at the worst preserved prompt; below min_kept the check does not pass."""
+    model = copy.deepcopy(base)
+    inject_lora(model.unet, select_targets(model.unet, "default"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in lora_layers(model.unet).values():
+            layer.lora.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    seen = []
+    dog = lambda z: (seen.append(("dog", z.shape)), [True, True, True])[1]  # noqa: E731
+    bird = lambda z: (seen.append(("bird", z.shape)), [True, False, False])[1]  # noqa: E731
+    preserve = {"a photo of the dog": dog, "a photo of the bird": bird}
+    r = _check(model, min_ratio=0.0, preserve=preserve, min_kept=0.3)(3)
+    assert seen == [("dog", (3, 4, 2, 2)), ("bird", (3, 4, 2, 2))]
+    assert r["kept"] == pytest.approx(1 / 3) and r["passed"] is True       # the bird's share, not the mean
+    assert _check(model, min_ratio=0.0, preserve=preserve, min_kept=0.5)(3)["passed"] is False
+    assert _check(model, min_ratio=0.0)(3)["kept"] is None  # no preservation judges: not measured
 
 
 def test_a_zero_adapter_does_not_pass(base):
@@ -132,7 +152,9 @@ def test_ratio_and_judge_decide(base):
 @pytest.mark.parametrize("extra,want", [(["--check_every", "-1"], "--check_every"),
                                         (["--check_every", "2", "--check_t_enc", "9"], "--check_t_enc"),
                                         (["--check_every", "2", "--method", "sepce", "--preserve", "a dog"],
-                                         "--method sepce")])
+                                         "--method sepce"),
+                                        (["--check_every", "2", "--check_min_kept", "0.9", "--preserve", "a dog"],
+                                         "--check_min_kept 0.9")])
 def test_bad_check_flags_are_one_line(ckpt, tmp_path, capsys, extra, want):
     code, err = train_main(args(ckpt, tmp_path / "o", *extra, iterations=2), capsys)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("erasing ")]

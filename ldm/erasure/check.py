@@ -11,7 +11,13 @@ from the training run's generator, so checking never changes what is trained):
             images (w = 0) of the target that    toy world's digit classifier, NudeNet); the caller decodes
             a judge reads as the concept
 
-    passed  r >= min_ratio  and  (no judge or rate <= max_rate)
+    kept    optional: the share of `samples` adapter-alone images of each PRESERVED prompt that a judge of its
+            own class reads as that class (e.g. "a handwritten 0" drawn as a 0), at the worst preserved prompt:
+            the adapter's collateral on what it must leave alone, which gathers on the one class most like the
+            concept (issue 18: an adapter for "nine" drew a quarter of its zeros as 4s, every other digit intact)
+
+    passed  r >= min_ratio  and  (no judge or rate <= max_rate)  and  (no preservation judges or
+            kept >= min_kept)
 
 The rule that uses it (ldm.erasure.training.TrainingRun): the check runs every `every` iterations (its history
 lands in train_config.json) and at the planned last iteration; an adapter that has not passed by then trains on,
@@ -36,7 +42,8 @@ class CheckSettings:
     min_ratio: float = 1.5          # passed needs d(target) / d("") >= this
     max_rate: float = 0.1           # ... and an adapter-alone concept rate <= this (when there is a judge)
     max_iterations: int = 0         # train on (if not passed) up to this many iterations; <= planned: never
-    samples: int = 8                # adapter-alone images of the target per check (with a judge)
+    samples: int = 8                # adapter-alone images of the target (and of each preserved prompt) per check
+    min_kept: float = 0.0           # passed needs the preserved prompts' kept share >= this (with their judges)
     repeats: int = 8                # stability-test draws of the target
     empty_draws: int = 16           # ... and of ""
     seed: int = 0                   # the checks' draws (start codes, t) and the images' seeds
@@ -46,14 +53,16 @@ class CheckSettings:
 
 
 class ErasureCheck:
-    """check() -> {"iteration", "ratio", "d_target", "d_empty", "rate" (None without a judge), "passed"}."""
+    """check() -> {"iteration", "ratio", "d_target", "d_empty", "rate" (None without a judge), "kept" (None
+    without preservation judges), "passed"}. preserve: {preserved prompt: the judge of its own class}."""
 
     def __init__(self, model, target: str, settings: CheckSettings, stability: StabilitySettings,
                  latent_shape: tuple[int, ...], judge: Judge | None = None, adapter: str = "lora",
-                 steps: int = 50, guidance: float = 7.5):
+                 steps: int = 50, guidance: float = 7.5, preserve: dict[str, Judge] | None = None):
         if settings.every < 1:
             raise ValueError("an ErasureCheck needs every >= 1")
         self.model, self.target, self.s, self.judge, self.adapter = model, target, settings, judge, adapter
+        self.preserve = dict(preserve or {})
         self.shape, self.steps, self.guidance = tuple(latent_shape), int(steps), float(guidance)
         self.protocol = Protocol("fast", stability, repeats=settings.repeats, empty_draws=settings.empty_draws)
 
@@ -65,24 +74,34 @@ class ErasureCheck:
         return est[self.target].mean, empty.mean
 
     @torch.no_grad()
-    def rate(self) -> float | None:
-        """Share of the adapter-alone images of the target the judge reads as the concept (None: no judge)."""
-        if self.judge is None:
-            return None
+    def _share(self, prompt: str, judge: Judge) -> float:
+        """Share of `samples` adapter-alone images of `prompt` (the check's fixed seeds) that `judge` accepts."""
         n = self.s.samples
         x_T = start_noise([self.s.seed + i for i in range(n)], self.shape, self.model.device, self.model.dtype)
-        z = unguided_latents(self.model, [self.target] * n, x_T, self.guidance, [[0.0] * n], steps=self.steps,
+        z = unguided_latents(self.model, [prompt] * n, x_T, self.guidance, [[0.0] * n], steps=self.steps,
                              adapters=[self.adapter])
-        hits = list(self.judge(z))
+        hits = list(judge(z))
         return sum(map(bool, hits)) / max(len(hits), 1)
+
+    def rate(self) -> float | None:
+        """Share of the adapter-alone images of the target the judge reads as the concept (None: no judge)."""
+        return None if self.judge is None else self._share(self.target, self.judge)
+
+    def kept(self) -> float | None:
+        """The smallest, over the preserved prompts, share of their adapter-alone images judged as their own
+        class (None: no preservation judges)."""
+        if not self.preserve:
+            return None
+        return min(self._share(p, j) for p, j in self.preserve.items())
 
     def __call__(self, iteration: int) -> dict:
         d_target, d_empty = self.ratio()
-        rate = self.rate()
+        rate, kept = self.rate(), self.kept()
         if d_empty > 0:
             ratio = d_target / d_empty
         else:  # the adapter moves nothing (e.g. still zero): no separation, not a pass
             ratio = float("inf") if d_target > 0 else 1.0
-        passed = ratio >= self.s.min_ratio and (rate is None or rate <= self.s.max_rate)
+        passed = (ratio >= self.s.min_ratio and (rate is None or rate <= self.s.max_rate)
+                  and (kept is None or kept >= self.s.min_kept))
         return {"iteration": int(iteration), "ratio": ratio, "d_target": d_target, "d_empty": d_empty,
-                "rate": rate, "passed": bool(passed)}
+                "rate": rate, "kept": kept, "passed": bool(passed)}

@@ -348,6 +348,7 @@ class TrainingRun:
         r = self.check(self.trainer.done)
         self.checks.append(r)
         rate = "" if r["rate"] is None else f", adapter-alone concept rate {r['rate']:.0%}"
+        rate += "" if r.get("kept") is None else f", preserved prompts kept {r['kept']:.0%}"
         print(f"erasure check at iteration {r['iteration']}: d(target)/d(\"\") = {r['ratio']:.2f}{rate} -> "
               f"{'passed' if r['passed'] else 'not yet'}", flush=True)
         return r
@@ -357,7 +358,8 @@ class TrainingRun:
             return None
         last = self.checks[-1] if self.checks else None
         return {"settings": self.check.s.record(), "passed": bool(last and last["passed"]),
-                "ratio": last and last["ratio"], "rate": last and last["rate"], "history": self.checks}
+                "ratio": last and last["ratio"], "rate": last and last["rate"], "kept": last and last.get("kept"),
+                "history": self.checks}
 
     def _save_state(self) -> None:
         atomic_torch_save(self.trainer.state_dict(self.settings.fingerprint()), self.files.state)
@@ -435,6 +437,8 @@ class TrainingRun:
             print(f"warning: the erasure check did not pass by iteration {self.trainer.done} (d(target)/d(\"\") "
                   f"{check['ratio']:.2f}, needs >= {check['settings']['min_ratio']}"
                   + ("" if check["rate"] is None else f"; adapter-alone rate {check['rate']:.0%}, needs <= "
-                     f"{check['settings']['max_rate']:.0%}") + "): this adapter may not erase; try another --seed, "
-                  "a higher --lr or more --iterations", file=sys.stderr)
+                     f"{check['settings']['max_rate']:.0%}")
+                  + ("" if check.get("kept") is None else f"; preserved prompts kept {check['kept']:.0%}, needs >= "
+                     f"{check['settings']['min_kept']:.0%}") + "): this adapter may not erase or may damage what it "
+                  "preserves; try another --seed, a higher --lr or more --iterations", file=sys.stderr)
         return 0

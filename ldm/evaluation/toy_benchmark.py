@@ -73,6 +73,9 @@ def add_toy_args(p) -> None:
     p.add_argument("--train_check_max_rate", type=float, default=s["check_max_rate"], help="train.py --check_max_rate")
     p.add_argument("--train_check_max_iterations", type=int, default=s["check_max_iterations"],
                    help="train.py --check_max_iterations")
+    p.add_argument("--train_check_min_kept", type=float, default=0.0,
+                   help="train.py --check_min_kept: every preserved digit's adapter-alone share at least this "
+                        "(0: not checked, the sweep's setting)")
     p.add_argument("--t_enc", type=int, default=s["t_enc"], help="stability test: partial trajectory down to t_enc")
     p.add_argument("--repeats", type=int, default=s["repeats"], help="stability test draws per prompt")
     p.add_argument("--device", default="cpu")
@@ -99,6 +102,8 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
         argv += ["--check_every", str(args.train_check_every), "--check_judge", "digits", "--check_min_ratio",
                  str(args.train_check_min_ratio), "--check_max_rate", str(args.train_check_max_rate),
                  "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
+        if getattr(args, "train_check_min_kept", 0) > 0:  # only when asked: the sweep's run names stay as they were
+            argv += ["--check_min_kept", str(args.train_check_min_kept)]
     name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(' '.join(argv).encode()).hexdigest()[:8]}"
     argv = ["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
             "--threads", str(args.threads), "--output_dir", str(output_dir), "--run_name", name, *argv]

@@ -99,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
 # settings that must agree for runs to share one table (the digits and seeds are what parts differ in)
 SHARED = ("samples", "steps", "t_enc", "repeats", "iterations", "lr", "negative_guidance", "lora_rank", "lora_alpha",
           "target_modules", "start_guidance", "preserve_weight", "train_check_every", "train_check_min_ratio",
-          "train_check_max_rate", "train_check_max_iterations", "other_wordings")
+          "train_check_max_rate", "train_check_max_iterations", "train_check_min_kept", "other_wordings")
+ADDED_LATER = {"train_check_min_kept": 0.0}  # settings older results.json files lack: the value they ran with
 
 
 def collect(paths: list[str], out: Path) -> str:
@@ -109,12 +110,13 @@ def collect(paths: list[str], out: Path) -> str:
         if not isinstance(r, dict) or not isinstance(r.get("runs"), list) or not isinstance(r.get("settings"), dict):
             raise UserError(f"{p}: not an e2e_toy results.json (no runs / settings)")
     first, s0 = parts[0][0], parts[0][1]["settings"]
+    setting = lambda r, k: r["settings"].get(k, ADDED_LATER.get(k))  # noqa: E731
     for p, r in parts[1:]:
-        diff = [k for k in SHARED if r["settings"].get(k) != s0.get(k)]
+        diff = [k for k in SHARED if setting(r, k) != setting(parts[0][1], k)]
         if diff:
             k = diff[0]
-            raise UserError(f"{p}: measured with {k} = {r['settings'].get(k)!r}, {first} with {s0.get(k)!r}: not one "
-                            "sweep")
+            raise UserError(f"{p}: measured with {k} = {setting(r, k)!r}, {first} with {setting(parts[0][1], k)!r}: "
+                            "not one sweep")
     runs, training, seen, seconds = [], [], {}, 0.0
     for p, r in parts:
         for run_ in r["runs"]:
@@ -207,7 +209,8 @@ def training_summary(lora: Path) -> dict:
     check = cfg.get("erasure_check") or {}
     return {"iterations": cfg.get("iterations_done"), "train_seconds_recorded": (cfg.get("seconds_per_iteration") or 0)
             * (cfg.get("iterations_done") or 0), "peak_memory_gib": cfg.get("peak_memory_gib"),
-            "check_passed": check.get("passed"), "check_ratio": check.get("ratio"), "check_rate": check.get("rate")}
+            "check_passed": check.get("passed"), "check_ratio": check.get("ratio"), "check_rate": check.get("rate"),
+            "check_kept": check.get("kept")}
 
 
 def prompt_groups(data: dict) -> dict[str, list[str]]:
@@ -398,14 +401,17 @@ def report(results: dict, args) -> str:
                   ".py could not learn one); their calibrated / safe / floor / guarded ways used threshold 1 (the "
                   "release's): " + ", ".join(f"{r['digit']} train {r['train_seed']} test {r['test_seed']}"
                                             for r in uncal) + "."]
+    kept = any(t.get("check_kept") is not None for t in training)  # train.py --check_min_kept: a column of its own
     lines += ["", "Training (train.py with the erasure check; ratio = d(target)/d(\"\"), rate = adapter-alone target "
-              "rate on the check's images):", "", "| digit | train seed | iterations | check | ratio | rate | seconds |",
-              "|---|---|---|---|---|---|---|"]
+              "rate on the check's images" + ("; kept: the worst preserved digit's adapter-alone share" if kept else "")
+              + "):", "", "| digit | train seed | iterations | check | ratio | rate | " + ("kept | " if kept else "")
+              + "seconds |", "|---|---|---|---|---|---|---|" + ("---|" if kept else "")]
     for t in training:
         rate = "-" if t.get("check_rate") is None else f"{t['check_rate']:.0%}"
         ratio = "-" if t.get("check_ratio") is None else f"{t['check_ratio']:.2f}"
         check = {True: "passed", False: "failed"}.get(t.get("check_passed"), "-")
-        lines.append(f"| {t['digit']} | {t['train_seed']} | {t['iterations']} | {check} | {ratio} | {rate} | "
+        k = ("-" if t.get("check_kept") is None else f"{t['check_kept']:.0%}") + " | " if kept else ""
+        lines.append(f"| {t['digit']} | {t['train_seed']} | {t['iterations']} | {check} | {ratio} | {rate} | {k}"
                      f"{t['seconds']:.0f} |")
     lines += ["", "Each run (target / synonyms / held-out / others):", "",
               "| digit | train seed | test seed | " + " | ".join(args.ways) + " |",

@@ -359,17 +359,18 @@ def report(results: dict, args) -> str:
     lines = [f"Erasing {', '.join(args.digits)} from the toy-digits model: training seeds {args.train_seeds}, test "
              f"seeds {args.test_seeds} ({len(runs)} runs), {args.samples} images per prompt and w, DDIM "
              f"{args.steps}, CFG 7.5; {results['seconds']:.0f} s in all. Cells: mean over runs (worst run, sd).", "",
-             "| way | target rate | synonym rate | held-out wordings rate | accuracy on other digits | target unsure "
-             "| meets the targets |", "|---|---|---|---|---|---|---|"]
+             "| way | target rate | synonym rate | held-out wordings rate | accuracy on other digits | others: drop "
+             "vs base, points (mean / worst) | target unsure | meets the targets |", "|---|---|---|---|---|---|---|---|"]
     for way in args.ways:
         w = [r["ways"][way] for r in runs]
         ok = meets_targets(runs, way) if way not in FIXED else None
         verdict = "-" if ok is None else ("yes" if all(ok.values()) else
                                           "no: " + ", ".join(k for k, v in ok.items() if not v))
+        drop = [100 * (r["base_others_rate"] - x["others_rate"]) for r, x in zip(runs, w)]
         lines.append(f"| {WAYS[way][0]} | {_dist([x['target_rate'] for x in w], max)} | "
                      f"{_dist([x['synonyms_rate'] for x in w], max)} | {_dist([x['heldout_rate'] for x in w], max)} | "
-                     f"{_dist([x['others_rate'] for x in w], min)} | {_dist([x['target_unsure'] for x in w], max)} "
-                     f"| {verdict} |")
+                     f"{_dist([x['others_rate'] for x in w], min)} | {statistics.mean(drop):.1f} / {max(drop):.1f} | "
+                     f"{_dist([x['target_unsure'] for x in w], max)} | {verdict} |")
     lines += ["", "Targets (issue 18): target and synonyms <= 5% in every run, held-out wordings <= 10%, other digits "
               "within 1 point of the base model on average and 2 points at worst. Rates are the 10-way classifier's; "
               "what the target prompt's images became instead (mean share over runs, the three largest):", "",

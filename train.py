@@ -33,6 +33,7 @@ run's settings are one ldm.erasure.settings.TrainSettings.
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -308,12 +309,15 @@ def calibration(args, model, settings: TrainSettings, prompts: dict):
     shape = model.latent_shape(settings.image_size)
 
     def run() -> dict | None:
+        from ldm.erasure.budget import UNetCounter
+        t0 = time.time()
         try:
-            with torch.no_grad():  # the adapter's parameters still require gradients: no graph for the test
-                return measure(model, protocol, shape, prompts, settings.seed)
+            with torch.no_grad(), UNetCounter(model.unet) as counter:  # no graph: the adapter still requires grad
+                record = measure(model, protocol, shape, prompts, settings.seed)
         except ValueError as exc:  # e.g. d("") = 0: an adapter that moves nothing
             print(f"note: no calibrated threshold stored: {exc}", file=sys.stderr)
             return None
+        return {**record, "unet_sample_evaluations": counter.samples, "seconds": round(time.time() - t0, 2)}
     return run
 
 

@@ -260,6 +260,12 @@ def test_the_adapter_stores_its_calibrated_threshold_as_compute_lora_diff_measur
     assert stored["protocol"] == {"ddim_steps": 4, "t_enc": 3, "guidance": 7.5, "eta": 0.0, "repeats": 2,
                                   "empty_draws": 32, "seed": 42}
     assert json.loads((run_dir(out) / "train_config.json").read_text())["calibration"] == stored
+    # its cost, counted: 2 draws of each of the 13 prompts and 32 of "" (ldm.erasure.budget.evals_per_draw)
+    from ldm.erasure.budget import evals_per_draw
+    from ldm.erasure.stability import StabilitySettings
+    test = StabilitySettings(4, 3, 7.5)
+    assert stored["unet_sample_evaluations"] == 13 * 2 * evals_per_draw(test) + 32 * evals_per_draw(test, True)
+    assert stored["seconds"] > 0
     assert set(stored["concept_ratios"]) == {"a photo of the cat", "a photo of the feline", "a photo of the kitten",
                                              "a photo of the kitty"} and len(stored["other_ratios"]) == 10
     compute_lora_diff.main(["--config", TINY, "--ckpt", str(ckpt), "--lora", str(final), "--prompts_json", CAT,

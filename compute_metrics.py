@@ -54,11 +54,18 @@ def build_parser():
     p.add_argument("--names", nargs="+", help="compare: column names, one per run folder")
     p.add_argument("--grid_rows", type=int, default=8, help="compare: images per grid (rows)")
     p.add_argument("--thumb", type=int, default=128, help="compare: grid cell size in px (small images are upscaled)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the judges that run on torch (CLIP; default: torch's choice)")
     return p
 
 
 def parse(argv):
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be >= 1")
+        import torch
+        torch.set_num_threads(args.threads)
     if args.paths and args.paths[0] == "compare":
         args.mode, args.runs = "compare", args.paths[1:]
         if not args.runs:

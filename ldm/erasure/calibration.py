@@ -11,10 +11,7 @@ JSON already names both groups, so the threshold can be placed between them:
     separable        min R_c > max R_o
     tau              sqrt(min R_c * max R_o)        the geometric midpoint of the gap (when separable)
                      else the tau in the sorted ratios that misclassifies the fewest prompts (ties: the
-                     smaller tau: erasure over preservation), reported with its errors, and never under 1:
-                     "" itself is an other prompt (r = 1), and the rules' clear zone is r <= 1 (a tau under 1
-                     comes from an adapter that moves its concept less than "": flagging every prompt there
-                     would be no calibration; ldm.erasure.check fails such an adapter)
+                     smaller tau: erasure over preservation), reported with its errors
 
 A prompt is flagged when r(p) > tau. The threshold and both groups' ratios are stored in
 calc_diff_results.json ("calibration") by compute_lora_diff.py, next to the adapter, and by train.py at the end
@@ -51,7 +48,7 @@ def calibrate(d: dict[str, float], d_empty: float, concept: list[str], others: l
     if lo_c > hi_o:
         return Calibration(math.sqrt(lo_c * hi_o), True, lo_c / hi_o, rc, ro, 0)
     candidates = sorted(set(rc.values()) | set(ro.values()))
-    best = max(1.0, min(candidates, key=lambda t: (_errors(t, rc, ro), t)))
+    best = min(candidates, key=lambda t: (_errors(t, rc, ro), t))
     return Calibration(best, False, lo_c / hi_o, rc, ro, _errors(best, rc, ro))
 
 

@@ -30,6 +30,17 @@ def test_overlapping_groups_take_the_fewest_errors_and_say_so():
     assert cal.errors == 1 and cal.threshold == pytest.approx(1.0)  # only "the number 3" (0.75) is missed
 
 
+def test_a_threshold_under_one_is_kept_where_it_separates_the_concept_from_the_others():
+    """Measured in the sweep ("two", training seed 2): an adapter that moves "" more than its concept (ratios
+    0.86-0.94) but the other digits far less (0.3). The fewest errors flag the concept and "" itself (one error);
+    a threshold held at 1 would leave the concept to the base model. It stays under 1."""
+    d = {CONCEPT[0]: 0.93, CONCEPT[1]: 0.86, OTHERS[0]: 0.30, OTHERS[1]: 0.28, "": 1.0}
+    cal = calibrate(d, 1.0, CONCEPT, OTHERS)
+    assert not cal.separable and cal.errors == 1 and 0.30 <= cal.threshold < 0.86
+    assert all(flagged(d[p], 1.0, cal.threshold) for p in CONCEPT)
+    assert not any(flagged(d[p], 1.0, cal.threshold) for p in OTHERS if p)
+
+
 def test_calibration_needs_a_concept_and_a_positive_empty_distance():
     with pytest.raises(ValueError, match="concept"):
         calibrate({"x": 1.0}, 1.0, ["missing"], [])

@@ -5,7 +5,8 @@ Keys: "<module path>.<kind>.<tensor>", paths relative to the UNet (`model.model.
 Our metadata: format, delta_kind (absent: "lora"), rank, alpha, targets, the base checkpoint's file hash and a
 fingerprint of the base weights the adapter sits on (checked at load time: an adapter trained on another base
 model is refused); from train.py also its settings, status, the erasure check's verdict and "calibration" (the
-stability test's threshold learned at the end of training, with the test's settings: stored_calibration). The kind names a class of the registry `ldm.erasure.delta.DELTA_KINDS`, never code.
+stability test's threshold learned at the end of training, with the test's settings: stored_calibration). The
+kind names a class of the registry `ldm.erasure.delta.DELTA_KINDS`, never code.
 A release lora.pth carries no metadata: it is a LoRA, alpha comes from the caller (the release always used 8),
 and there is nothing to check the base model against.
 """

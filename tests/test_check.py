@@ -106,14 +106,20 @@ def _check(model, judge=None, min_ratio=1.5, max_rate=0.1, preserve=None, min_ke
                         steps=4, preserve=preserve)
 
 
-def test_the_preserved_prompts_collateral_can_fail_a_pass(base):
-    """kept: the share of a preserved prompt's adapter-alone images that its own judge accepts (each prompt drawn
-    on the check's fixed seeds), at the worst preserved prompt; below min_kept the check does not pass."""
+def _moving_adapter(base):
+    """A copy of the tiny model with a LoRA whose B is non-zero (seeded): it moves every prompt's prediction."""
     model = copy.deepcopy(base)
     inject_lora(model.unet, select_targets(model.unet, "default"), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for layer in lora_layers(model.unet).values():
             layer.lora.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def test_the_preserved_prompts_collateral_can_fail_a_pass(base):
+    """kept: the share of a preserved prompt's adapter-alone images that its own judge accepts (each prompt drawn
+    on the check's fixed seeds), at the worst preserved prompt; below min_kept the check does not pass."""
+    model = _moving_adapter(base)
     seen = []
     dog = lambda z: (seen.append(("dog", z.shape)), [True, True, True])[1]  # noqa: E731
     bird = lambda z: (seen.append(("bird", z.shape)), [True, False, False])[1]  # noqa: E731
@@ -134,11 +140,7 @@ def test_a_zero_adapter_does_not_pass(base):
 
 def test_ratio_and_judge_decide(base):
     """A LoRA that moves the prompt's tokens: the ratio is d(target)/d(""); the judge's rate can fail a pass."""
-    model = copy.deepcopy(base)
-    inject_lora(model.unet, select_targets(model.unet, "default"), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for layer in lora_layers(model.unet).values():
-            layer.lora.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    model = _moving_adapter(base)
     seen = []
     judge = lambda z: (seen.append(z.shape), [True, False, False])[1]  # noqa: E731
     r = _check(model, judge=judge, min_ratio=0.0, max_rate=0.5)(7)

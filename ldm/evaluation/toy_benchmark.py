@@ -29,7 +29,8 @@ TOY_SETTINGS = {"iterations": 300, "lr": 1e-3, "negative_guidance": 2.0, "t_enc"
 # than 10% of the check's images trains on, 100 iterations at a time, up to 600.
 # Preservation prompts (train.py --preserve) for erasing digit d: the OTHER nine digits in a template the
 # benchmarks never sample ("a handwritten 7"; the tables' prompts spell digits as words: "... the digit seven").
-PRESERVE_TEMPLATE = "a handwritten {}"
+# More templates (--preserve_templates): {n} is the numeral, {w} the word ("a photo of the digit {w}").
+PRESERVE_TEMPLATE = "a handwritten {n}"
 
 
 def prompts_file(digit: str) -> Path:
@@ -47,10 +48,15 @@ def two_digits(digits: list[str]) -> tuple[str, str]:
     return a, b
 
 
-def preserve_prompts(prompts_json: Path) -> list[str]:
-    """The preservation prompts for the digit that `prompts_json`'s target names."""
+def preserve_prompts(prompts_json: Path, templates: list[str] = (PRESERVE_TEMPLATE,)) -> list[str]:
+    """The preservation prompts for the digit that `prompts_json`'s target names: each template filled with each
+    other digit ({n}: its numeral, {w}: its word), template by template."""
+    for t in templates:
+        if t.format(n="", w="") == t:
+            raise UserError(f"--preserve_templates {t!r}: names no digit (write {{n}} for the numeral or {{w}} for "
+                            "the word)")
     target = digit_of_text(json.loads(Path(prompts_json).read_text())["target"])
-    return [PRESERVE_TEMPLATE.format(d) for d in range(10) if d != target]
+    return [t.format(n=d, w=WORDS[d]) for t in templates for d in range(10) if d != target]
 
 
 def add_toy_args(p) -> None:
@@ -65,8 +71,11 @@ def add_toy_args(p) -> None:
     p.add_argument("--target_modules", nargs="+", default=s["target_modules"])
     p.add_argument("--start_guidance", type=float, default=s["start_guidance"])
     p.add_argument("--preserve_weight", type=float, default=s["preserve_weight"],
-                   help="train.py --preserve_weight for the other nine digits' 'a handwritten N' prompts; "
+                   help="train.py --preserve_weight for the other nine digits' prompts (--preserve_templates); "
                         "0: the release's objective alone")
+    p.add_argument("--preserve_templates", nargs="+", default=[PRESERVE_TEMPLATE], metavar="TEMPLATE",
+                   help="the preserved prompts: each template with each other digit ({n}: numeral, {w}: word; e.g. "
+                        "'a photo of the digit {w}', the template the tables' other-digit prompts use)")
     p.add_argument("--train_check_every", type=int, default=s["check_every"],
                    help="train.py --check_every: the erasure check every N iterations (0: off)")
     p.add_argument("--train_check_min_ratio", type=float, default=s["check_min_ratio"], help="train.py --check_min_ratio")
@@ -97,14 +106,17 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
             "--calibrate_t_enc", str(args.t_enc), "--calibrate_repeats", str(args.repeats)]  # the threshold it
     # stores (train.py --calibrate) is measured as the toy benchmarks' stability test measures: t_enc, repeats
     if args.preserve_weight > 0:
-        argv += ["--preserve", *preserve_prompts(prompts_json), "--preserve_weight", str(args.preserve_weight)]
+        templates = getattr(args, "preserve_templates", [PRESERVE_TEMPLATE])
+        argv += ["--preserve", *preserve_prompts(prompts_json, templates), "--preserve_weight", str(args.preserve_weight)]
     if getattr(args, "train_check_every", 0):
         argv += ["--check_every", str(args.train_check_every), "--check_judge", "digits", "--check_min_ratio",
                  str(args.train_check_min_ratio), "--check_max_rate", str(args.train_check_max_rate),
                  "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
         if getattr(args, "train_check_min_kept", 0) > 0:  # only when asked: the sweep's run names stay as they were
             argv += ["--check_min_kept", str(args.train_check_min_kept)]
-    name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(' '.join(argv).encode()).hexdigest()[:8]}"
+    # the name's hash sees the prompts JSON relative to the repository: another checkout reuses the same runs
+    key = " ".join(argv).replace(str(ROOT) + "/", "")
+    name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     argv = ["--config_path", str(CONFIG), "--ckpt_path", str(CKPT), "--device", args.device,
             "--threads", str(args.threads), "--output_dir", str(output_dir), "--run_name", name, *argv]
     return argv, Path(output_dir) / name / "models" / "lora.safetensors"

@@ -35,7 +35,10 @@ calibrated threshold with unflagged prompts capped at the base model (safe) or a
 guarded: the adapter alone for prompts the release flags and the calibration does not, the base model below
 d("") (ldm/erasure/decision.py). A run whose adapter could not be calibrated (tau None) takes threshold 1 there
 and is marked "uncalibrated" in results.md. Prompt groups: target, synonyms, held-out wordings (HELDOUT_TEMPLATES; a wording counts
-only where the base model draws the digit in at least half of its images), others (the other nine digits). Rates:
+only where the base model draws the digit in at least half of its images), others (the other nine digits: the
+prompts JSON's "other" prompts), others' held-out wordings (OTHER_HELDOUT_TEMPLATES, --other_wordings of them: no
+threshold is learned from them and no training preserves them, so their drop is the adapter's collateral where
+nothing was tuned on it; counted like the concept's held-out wordings). Rates:
 the 10-way classifier's share of the erased digit (others: of their own digit); "unsure": the share the judge reads
 as nothing digit-like (ldm.evaluation.digits.classify_with_confidence). Toy settings: ldm/evaluation/toy_benchmark.py.
 """
@@ -71,7 +74,7 @@ FIXED = {"base": 1.0, "adapter": 0.0}
 HELDOUT_TEMPLATES = ["a photo of the digit {n}", "a handwritten digit {w}", "a drawing of the digit {w}",
                      "the digit {w}", "the number {w}", "{w}", "a sketch of the number {w}", "an image of a {w}"]
 OTHER_HELDOUT_TEMPLATES = ["the number {w}", "a handwritten digit {w}"]  # other digits: the test's false positives
-GROUPS = ("target", "synonyms", "heldout", "others")
+GROUPS = ("target", "synonyms", "heldout", "others", "others_heldout")
 TARGETS = {"target": 0.05, "synonyms": 0.05, "heldout": 0.10, "others_mean": 0.01, "others_worst": 0.02}
 
 
@@ -88,8 +91,8 @@ def parser() -> argparse.ArgumentParser:
                         "by several benchmarks trains each adapter once)")
     p.add_argument("--samples", type=int, default=20, help="images per prompt and w")
     p.add_argument("--other_wordings", type=int, default=len(OTHER_HELDOUT_TEMPLATES),
-                   help="held-out wordings per other digit for the test's false positives (stability test only; "
-                        "0: none)")
+                   help="held-out wordings per other digit: the stability test's false positives and the "
+                        "collateral on prompts nothing was tuned on (drawn like every group; 0: none)")
     p.add_argument("--collect", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="join these results.json files (parts of one sweep) into --out's report; runs nothing")
     add_toy_args(p)
@@ -99,8 +102,10 @@ def parser() -> argparse.ArgumentParser:
 # settings that must agree for runs to share one table (the digits and seeds are what parts differ in)
 SHARED = ("samples", "steps", "t_enc", "repeats", "iterations", "lr", "negative_guidance", "lora_rank", "lora_alpha",
           "target_modules", "start_guidance", "preserve_weight", "train_check_every", "train_check_min_ratio",
-          "train_check_max_rate", "train_check_max_iterations", "train_check_min_kept", "other_wordings")
-ADDED_LATER = {"train_check_min_kept": 0.0}  # settings older results.json files lack: the value they ran with
+          "train_check_max_rate", "train_check_max_iterations", "train_check_min_kept", "other_wordings",
+          "preserve_templates")
+# settings older results.json files lack: the value they ran with
+ADDED_LATER = {"train_check_min_kept": 0.0, "preserve_templates": ["a handwritten {n}"]}
 
 
 def collect(paths: list[str], out: Path) -> str:
@@ -152,8 +157,8 @@ held-out wordings counted are in each way's rate)."""
             return {k: r4(x) for k, x in v.items()}
         return [r4(x) for x in v] if isinstance(v, list) else v
     ways = {w: {k: v for k, v in x.items() if k != "per_prompt"} for w, x in run_["ways"].items()}
-    keep = ("digit", "train_seed", "test_seed", "base_others_rate", "flagged", "tau", "calibration_separable",
-            "ratios")
+    keep = ("digit", "train_seed", "test_seed", "base_others_rate", "base_others_heldout_rate", "flagged", "tau",
+            "calibration_separable", "ratios")
     return r4({"ways": ways, **{k: run_[k] for k in keep if k in run_}})
 
 
@@ -213,17 +218,19 @@ def training_summary(lora: Path) -> dict:
             "check_kept": check.get("kept")}
 
 
-def prompt_groups(data: dict) -> dict[str, list[str]]:
-    """The prompts of each group for a digit's prompts JSON (held-out wordings: HELDOUT_TEMPLATES)."""
+def prompt_groups(data: dict, other_wordings: int = len(OTHER_HELDOUT_TEMPLATES)) -> dict[str, list[str]]:
+    """The prompts of each group for a digit's prompts JSON (held-out wordings: HELDOUT_TEMPLATES; the other
+    digits' held-out wordings: the first `other_wordings` of OTHER_HELDOUT_TEMPLATES)."""
     d = digit_of_text(data["target"])
     listed = set(experiment_prompts(data))
     heldout = [t.format(w=WORDS[d], n=d) for t in HELDOUT_TEMPLATES]
     return {"target": [data["target"]], "synonyms": list(data.get("synonyms", [])),
-            "heldout": [p for p in heldout if p not in listed], "others": [p for p in data.get("other", []) if p]}
+            "heldout": [p for p in heldout if p not in listed], "others": [p for p in data.get("other", []) if p],
+            "others_heldout": other_heldout(data, other_wordings)}
 
 
 def other_heldout(data: dict, n_templates: int = len(OTHER_HELDOUT_TEMPLATES)) -> list[str]:
-    """Held-out wordings of the other nine digits (measured by the stability test only)."""
+    """Held-out wordings of the other nine digits."""
     d = digit_of_text(data["target"])
     return [t.format(w=w) for t in OTHER_HELDOUT_TEMPLATES[:n_templates] for i, w in enumerate(WORDS) if i != d]
 
@@ -267,9 +274,9 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
     """Every way for one adapter and one test seed -> {way: group summaries}, flags, folders, prompts. judged: the
     sweep's cache of classify()."""
     data = json.loads(prompts_json.read_text())
-    groups = prompt_groups(data)
-    prompts = [p for g in GROUPS for p in groups[g]]
-    extra = other_heldout(data, args.other_wordings)
+    groups = prompt_groups(data, args.other_wordings)
+    prompts = [p for g in GROUPS for p in groups[g]]  # [target, synonyms, held-out, others, others' held-out]
+    extra = groups["others_heldout"]
     image_seed = seed * 1000
     diff = stability_test(args, prompts_json, lora, folder / "test", image_seed, groups["heldout"] + extra)
     stats = diff["prompt_stats"]
@@ -290,17 +297,21 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
             for way, w_of in ws.items()}
     base = summarise(classified[1.0][1], groups, target_digit)
     heldout_ok = [p for p in groups["heldout"] if base["per_prompt"][p] >= 0.5]  # wordings the base model draws
-    for w in ways.values():
+    others_ok = [p for p in extra if base["per_prompt"][p] >= 0.5]  # the same rule for the other digits'
+    for w in (*ways.values(), base):
         w["heldout_rate"] = _mean([w["per_prompt"][p] for p in heldout_ok])
+        w["others_heldout_rate"] = _mean([w["per_prompt"][p] for p in others_ok])
     ratio = {p: d[p] / d_empty for p in d}
     flags = {name: {g: _mean([float(ratio[p] > t) for p in groups[g]]) for g in GROUPS}
              for name, t in (("release", 1.0), ("calibrated", tau))}
     for name, t in (("release", 1.0), ("calibrated", tau)):
         flags[name]["heldout_counted"] = _mean([float(ratio[p] > t) for p in heldout_ok])
         flags[name]["others_heldout"] = _mean([float(ratio[p] > t) for p in extra])
-    return {"ways": ways, "base_others_rate": base["others_rate"], "weights": ws, "flagged": flags, "tau": tau, "ratios": ratio,
+    return {"ways": ways, "base_others_rate": base["others_rate"], "base_others_heldout_rate":
+            base["others_heldout_rate"], "weights": ws, "flagged": flags, "tau": tau, "ratios": ratio,
             "calibration_separable": (diff.get("calibration") or {}).get("separable"),
-            "heldout_counted": heldout_ok, "folder": str(folder), "prompts": prompts,
+            "heldout_counted": heldout_ok, "others_heldout_counted": others_ok, "folder": str(folder),
+            "prompts": prompts, "grid_prompts": [p for p in prompts if p not in set(extra)],
             "image_folders": {str(w): str(f) for w, (f, _) in classified.items()}}
 
 
@@ -318,7 +329,8 @@ def classify(folder: Path, cache: dict) -> dict[str, dict]:
 def summarise(per: dict[str, dict], groups: dict[str, list[str]], target_digit: int) -> dict:
     """Per group: the erased digit's share (others: their own digit's share) and the unsure share; per prompt."""
     out = {"per_prompt": {p: per[p]["rates"][target_digit] for g in GROUPS[:3] for p in groups[g] if p in per}}
-    out["per_prompt"].update({p: per[p]["rates"][digit_of_text(p)] for p in groups["others"] if p in per})
+    out["per_prompt"].update({p: per[p]["rates"][digit_of_text(p)] for g in GROUPS[3:] for p in groups[g]
+                              if p in per})
     for g in GROUPS:
         out[f"{g}_rate"] = _mean([out["per_prompt"][p] for p in groups[g] if p in per])
         out[f"{g}_unsure"] = _mean([per[p]["unsure_rate"] for p in groups[g] if p in per])
@@ -341,15 +353,31 @@ def _dist(values: list[float], worst) -> str:
     return f"{statistics.mean(values):.1%} (worst {worst(values):.1%}, sd {sd:.1%})"
 
 
+def others_drop(runs: list[dict], way: str, group: str = "others") -> list[float]:
+    """Per run, the base model's accuracy on the other digits' prompts (`group`: others, or others_heldout: their
+    held-out wordings) minus the way's, as shares; runs that did not measure the group are left out."""
+    base = [(r.get(f"base_{group}_rate"), r["ways"][way].get(f"{group}_rate")) for r in runs]
+    return [b - x for b, x in base if b is not None and x is not None]
+
+
 def meets_targets(runs: list[dict], way: str) -> dict[str, bool]:
     """The issue's targets for one way over every run: target and synonyms <= 5% in every run, held-out <= 10%,
-    other digits within 1 point of the base model on average and 2 points in the worst run."""
+    other digits within 1 point of the base model on average and 2 points in the worst run (their held-out
+    wordings too, where the runs drew them)."""
     w = [r["ways"][way] for r in runs]
-    drop = [r["base_others_rate"] - x["others_rate"] for r, x in zip(runs, w)]
-    return {"target": all(x["target_rate"] <= TARGETS["target"] for x in w),
-            "synonyms": all((x["synonyms_rate"] or 0) <= TARGETS["synonyms"] for x in w),
-            "heldout": all((x["heldout_rate"] or 0) <= TARGETS["heldout"] for x in w),
-            "others": statistics.mean(drop) <= TARGETS["others_mean"] and max(drop) <= TARGETS["others_worst"]}
+    ok = {"target": all(x["target_rate"] <= TARGETS["target"] for x in w),
+          "synonyms": all((x["synonyms_rate"] or 0) <= TARGETS["synonyms"] for x in w),
+          "heldout": all((x["heldout_rate"] or 0) <= TARGETS["heldout"] for x in w)}
+    for group in ("others", "others_heldout"):
+        drop = others_drop(runs, way, group)
+        if drop:
+            ok[group] = statistics.mean(drop) <= TARGETS["others_mean"] and max(drop) <= TARGETS["others_worst"]
+    return ok
+
+
+def _drops(runs: list[dict], way: str, group: str) -> str:
+    drop = [100 * x for x in others_drop(runs, way, group)]
+    return f"{statistics.mean(drop):.1f} / {max(drop):.1f}" if drop else "-"
 
 
 def report(results: dict, args) -> str:
@@ -360,19 +388,21 @@ def report(results: dict, args) -> str:
              f"seeds {args.test_seeds} ({len(runs)} runs), {args.samples} images per prompt and w, DDIM "
              f"{args.steps}, CFG 7.5; {results['seconds']:.0f} s in all. Cells: mean over runs (worst run, sd).", "",
              "| way | target rate | synonym rate | held-out wordings rate | accuracy on other digits | others: drop "
-             "vs base, points (mean / worst) | target unsure | meets the targets |", "|---|---|---|---|---|---|---|---|"]
+             "vs base, points (mean / worst) | others' held-out wordings: drop (mean / worst) | target unsure | "
+             "meets the targets |", "|---|---|---|---|---|---|---|---|---|"]
     for way in args.ways:
         w = [r["ways"][way] for r in runs]
         ok = meets_targets(runs, way) if way not in FIXED else None
         verdict = "-" if ok is None else ("yes" if all(ok.values()) else
                                           "no: " + ", ".join(k for k, v in ok.items() if not v))
-        drop = [100 * (r["base_others_rate"] - x["others_rate"]) for r, x in zip(runs, w)]
         lines.append(f"| {WAYS[way][0]} | {_dist([x['target_rate'] for x in w], max)} | "
                      f"{_dist([x['synonyms_rate'] for x in w], max)} | {_dist([x['heldout_rate'] for x in w], max)} | "
-                     f"{_dist([x['others_rate'] for x in w], min)} | {statistics.mean(drop):.1f} / {max(drop):.1f} | "
-                     f"{_dist([x['target_unsure'] for x in w], max)} | {verdict} |")
+                     f"{_dist([x['others_rate'] for x in w], min)} | {_drops(runs, way, 'others')} | "
+                     f"{_drops(runs, way, 'others_heldout')} | {_dist([x['target_unsure'] for x in w], max)} | "
+                     f"{verdict} |")
     lines += ["", "Targets (issue 18): target and synonyms <= 5% in every run, held-out wordings <= 10%, other digits "
-              "within 1 point of the base model on average and 2 points at worst. Rates are the 10-way classifier's; "
+              "within 1 point of the base model on average and 2 points at worst (their held-out wordings too: the "
+              "wordings the base model draws as that digit). Rates are the 10-way classifier's; "
               "what the target prompt's images became instead (mean share over runs, the three largest):", "",
               "| way | the target's images became |", "|---|---|"]
     for way in args.ways:
@@ -414,11 +444,11 @@ def report(results: dict, args) -> str:
         k = ("-" if t.get("check_kept") is None else f"{t['check_kept']:.0%}") + " | " if kept else ""
         lines.append(f"| {t['digit']} | {t['train_seed']} | {t['iterations']} | {check} | {ratio} | {rate} | {k}"
                      f"{t['seconds']:.0f} |")
-    lines += ["", "Each run (target / synonyms / held-out / others):", "",
+    lines += ["", "Each run (target / synonyms / held-out / others / others' held-out wordings):", "",
               "| digit | train seed | test seed | " + " | ".join(args.ways) + " |",
               "|---|---|---|" + "---|" * len(args.ways)]
     for r in runs:
-        cells = [" / ".join("-" if r["ways"][w][f"{g}_rate"] is None else f"{r['ways'][w][f'{g}_rate']:.0%}"
+        cells = [" / ".join("-" if r["ways"][w].get(f"{g}_rate") is None else f"{r['ways'][w][f'{g}_rate']:.0%}"
                             for g in GROUPS) for w in args.ways]
         seed = f"{r['test_seed']}" + (" (uncalibrated)" if r["tau"] is None else "")
         lines.append(f"| {r['digit']} | {r['train_seed']} | {seed} | " + " | ".join(cells) + " |")
@@ -435,9 +465,10 @@ def _cell(images: list[Image.Image]) -> Image.Image:
 
 
 def grid(run: dict, ways: list[str]) -> Image.Image:
-    """Rows: prompts; columns: the ways (the run's images: each way's w for that prompt)."""
-    rows = []
-    for p in run["prompts"]:
+    """Rows: prompts (the other digits' held-out wordings left out); columns: the ways (the run's images: each way's
+    w for that prompt)."""
+    rows, prompts = [], run.get("grid_prompts", run["prompts"])
+    for p in prompts:
         row = []
         for way in ways:
             folder = Path(run["image_folders"][str(run["weights"][way][p])])
@@ -445,7 +476,7 @@ def grid(run: dict, ways: list[str]) -> Image.Image:
             files = sorted((folder / "images" / sub).glob("*.jpg"))[:4]  # up to four samples (fewer with --samples < 4)
             row.append(_cell([Image.open(f).convert("RGB") for f in files]))
         rows.append(row)
-    return image_grid(rows, row_labels=run["prompts"], col_labels=[w for w in ways], cell=96)
+    return image_grid(rows, row_labels=prompts, col_labels=[w for w in ways], cell=96)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
     c.add_argument("--check_max_iterations", type=int, default=None,
                    help="train on while not passed, up to this many iterations (default 2 x --iterations)")
+    a = p.add_argument_group("adversarial training (ours, off by default: ldm/erasure/adversarial.py)")
+    a.add_argument("--adv_every", type=int, default=0,
+                   help="every N iterations an attacker searches words in front of the target prompt against the "
+                        "current adapter (UnlearnDiffAtk's loss); its prompt joins the erasure term (0: off)")
+    a.add_argument("--adv_tokens", type=positive(int), default=3, help="the attacker's words")
+    a.add_argument("--adv_steps", type=positive(int), default=5, help="its Adam steps per search")
+    a.add_argument("--adv_weight", type=positive(float), default=1.0, help="beta of the adversarial erasure term")
+    a.add_argument("--adv_images", type=positive(int), default=8, help="concept images the base model draws for it")
     k = p.add_argument_group("the adapter's threshold (ours: ldm/erasure/calibration.py)")
     k.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
                    help="at the end, learn the stability test's threshold from the prompts JSON's concept and other "
@@ -193,7 +201,16 @@ def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
         class_name=Path(args.prompts_json).stem, output_dir=args.output_dir, target_modules=args.target_modules,
         target_preset=["nsfw"] if nsfw else args.target_modules, precision=args.precision,
         device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
-        resume=args.resume, arguments=_arguments(args))
+        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args))
+
+
+def _adversarial(args) -> dict | None:
+    """--adv_*: the adversarial term's settings (None: off)."""
+    if not getattr(args, "adv_every", 0):
+        return None
+    from ldm.erasure.adversarial import AdversarySettings
+    return AdversarySettings(every=args.adv_every, tokens=args.adv_tokens, steps=args.adv_steps,
+                             weight=args.adv_weight, images=args.adv_images).record()
 
 
 def _arguments(args) -> dict:
@@ -211,7 +228,7 @@ def _full_rank_settings(args, prompts: dict[str, str]) -> TrainSettings:
         prompts_json=args.prompts_json, class_name=Path(args.prompts_json).stem, output_dir=args.output_dir,
         target_modules=[], target_preset=[args.train_method], precision=args.precision,
         device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
-        resume=args.resume, arguments=_arguments(args))
+        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args))
 
 
 def run_name(args, class_name: str) -> str:
@@ -237,6 +254,11 @@ def check_input(args, prompts: dict[str, str]):
     if args.check_every and args.check_min_kept > 0 and (args.check_judge != "digits" or not args.preserve):
         raise UserError(f"--check_min_kept {args.check_min_kept}: judges the --preserve prompts' images by their own "
                         "class, which needs --check_judge digits and --preserve")
+    if args.adv_every < 0:
+        raise UserError(f"--adv_every {args.adv_every}: must be >= 0 (0: no adversarial term)")
+    if args.adv_every and args.method == "sepce":
+        raise UserError("--adv_every: the adversarial term joins the ESD objective (--method unguide or esd); "
+                        "--method sepce has its own")
     if args.check_every and args.method == "sepce":
         raise UserError("--check_every: the erasure check trains on by the ESD objective's iterations; --method sepce "
                         "stops by its own momentum rule")

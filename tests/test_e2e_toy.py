@@ -2,8 +2,8 @@
 its own process on the shipped toy-digits model (train.py with the erasure check -> compute_lora_diff.py ->
 generate_images.py per w -> the digit classifier). Thresholds sit below what the sweep measures (README), so the
 test fails when erasure, the check or the calibrated decision stop working, not on sampling noise. Reduced for CI
-time: 2 images per prompt and w (the sweep's first two seeds: the same pictures), 4 stability-test draws, no
-held-out wordings of the other digits."""
+time: 2 images per prompt and w (the sweep's first two seeds: the same pictures), 4 stability-test draws, one
+held-out wording per other digit ("the number seven": drawn, the collateral where nothing was tuned)."""
 import argparse
 import json
 
@@ -17,7 +17,7 @@ from scripts.experiments import e2e_toy
 def results(tmp_path_factory, toy_train_dir):
     out = tmp_path_factory.mktemp("e2e")
     e2e_toy.main(["--digits", "three", "five", "--train_seeds", "0", "1", "--samples", "2", "--repeats", "4",
-                  "--other_wordings", "0", "--out", str(out), "--train_dir", str(toy_train_dir)])
+                  "--other_wordings", "1", "--out", str(out), "--train_dir", str(toy_train_dir)])
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -40,6 +40,28 @@ def test_the_calibrated_safe_rule_erases_every_run_and_spares_the_others(results
         assert run["heldout_counted"], "no held-out wording the base model draws: the group would say nothing"
         assert run["flagged"]["calibrated"]["target"] == 1.0 and run["flagged"]["calibrated"]["others"] <= 1 / 9
         assert run["ways"]["adapter"]["target_rate"] <= 0.34                     # the adapter erases on its own
+
+
+def test_the_other_digits_held_out_wordings_are_drawn_and_counted_where_the_base_draws_them(results):
+    """--other_wordings 1: "the number N" for the nine other digits, drawn under every way; counted where the base
+    model draws digit N in at least half its images; guarded keeps them near the base model."""
+    res, out = results
+    for run in res["runs"]:
+        extra = [p for p in run["prompts"] if p.startswith("the number ") and p.split()[-1] != run["digit"]]
+        assert len(extra) == 9 and set(run["others_heldout_counted"]) <= set(extra)
+        assert len(run["others_heldout_counted"]) >= 5, run["others_heldout_counted"]  # the base draws most of them
+        base = run["ways"]["base"]["per_prompt"]
+        assert all(base[p] >= 0.5 for p in run["others_heldout_counted"])
+        assert all(base[p] < 0.5 for p in set(extra) - set(run["others_heldout_counted"]))
+        counted = run["others_heldout_counted"]
+        for way in ("base", "guarded"):
+            per = run["ways"][way]["per_prompt"]
+            assert run["ways"][way]["others_heldout_rate"] == pytest.approx(sum(per[p] for p in counted) / len(counted))
+        assert run["base_others_heldout_rate"] == run["ways"]["base"]["others_heldout_rate"]
+        assert run["ways"]["guarded"]["others_heldout_rate"] >= run["base_others_heldout_rate"] - 0.12
+        assert not set(extra) & set(run["grid_prompts"])  # the grid shows the concept's prompts and the JSON's
+    text = (out / "results.md").read_text()
+    assert "others' held-out wordings: drop (mean / worst)" in text
 
 
 def test_ways_are_read_off_shared_images(results):

@@ -105,3 +105,31 @@ def test_digit_rates_report_confusion_and_unsure(tmp_path):
     f = res["folders"]["blank"]
     assert f["n"] == 3 and f["unsure_rate"] == 1.0 and sum(f["sure_rates"]) == 0.0
     assert abs(sum(f["rates"]) - 1.0) < 1e-9 and len(res["unsure"]) == 3
+
+
+def test_preservation_templates_fill_in_the_other_digits_and_run_names_do_not_see_the_checkout(monkeypatch, tmp_path):
+    """The toy benchmarks' preserved prompts: each template with the nine other digits ({n} numeral, {w} word);
+    the default is the sweep's "a handwritten N"; a template naming no digit is one line. The run folder's hash
+    sees the prompts JSON relative to the repository, so another checkout of the same commit reuses the runs."""
+    import argparse
+
+    from ldm.errors import UserError
+    from ldm.evaluation import toy_benchmark as tb
+    six = PROMPTS / "six.json"
+    assert tb.preserve_prompts(six) == [f"a handwritten {d}" for d in (0, 1, 2, 3, 4, 5, 7, 8, 9)]
+    both = tb.preserve_prompts(six, ["a handwritten {n}", "a photo of the digit {w}"])
+    assert len(both) == 18 and both[9:] == [f"a photo of the digit {w}" for w in D.WORDS if w != "six"]
+    with pytest.raises(UserError, match="'a photo of a digit': names no digit"):
+        tb.preserve_prompts(six, ["a photo of a digit"])
+    p = argparse.ArgumentParser()
+    tb.add_toy_args(p)
+    args = p.parse_args([])
+    _, lora = tb.train_argv(args, tb.prompts_file("six"), tmp_path, 1)
+    other = tmp_path / "other_checkout" / "data" / "digits" / "six.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(six.read_text())
+    monkeypatch.setattr(tb, "ROOT", tmp_path / "other_checkout")
+    moved = tb.train_argv(args, other, tmp_path, 1)[1]
+    assert moved == lora
+    wider = p.parse_args(["--preserve_templates", "a handwritten {n}", "a photo of the digit {w}"])
+    assert tb.train_argv(wider, tb.prompts_file("six"), tmp_path, 1)[1] != lora  # other settings, other run

@@ -33,9 +33,17 @@ Builder = Callable[[object, TrainSettings, torch.Generator, object], Method]
 
 def _objective(model, s: TrainSettings, reference: str, autocast) -> UnGuideObjective:
     emb = encode_prompts(model, s.target_prompt, reference, tuple(s.preserve or ()))
-    return UnGuideObjective(model, emb, model.latent_shape(s.image_size), s.ddim_steps, s.start_guidance,
+    shape = model.latent_shape(s.image_size)
+    adversary = None
+    if s.adversarial:  # the attacker inside training (ldm/erasure/adversarial.py): its own generator
+        from ldm.erasure.adversarial import Adversary, AdversarySettings
+        a = AdversarySettings(**s.adversarial)
+        adversary = Adversary(model, s.target_prompt, shape, s.ddim_steps, a, s.seed)
+        print(f"adversarial term: {a.tokens} tokens searched in front of {s.target_prompt!r} every {a.every} "
+              f"iterations ({a.steps} steps), weight {num(a.weight)}; {a.images} concept images drawn by the base model")
+    return UnGuideObjective(model, emb, shape, s.ddim_steps, s.start_guidance,
                             s.negative_guidance, s.ddim_eta, s.schedule == "release", autocast_dtype=autocast,
-                            preserve_weight=s.preserve_weight or 1.0)
+                            preserve_weight=s.preserve_weight or 1.0, adversary=adversary)
 
 
 def _method(model, s: TrainSettings, objective, alpha: float) -> Method:

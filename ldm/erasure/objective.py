@@ -22,6 +22,11 @@ Optional preservation term (ours, off by default; not in the release): prompts c
 at the same z_t and t. ESD's objective sees only the target prompt, so nothing stops a rank-1 adapter from
 moving every prompt that shares its text features; this term names the ones that must not move.
 
+Optional adversarial term (ours, off by default; ldm/erasure/adversarial.py): an attacker's context c_adv
+(searched words in front of the target prompt, refreshed every few iterations against the current adapter),
+    loss += beta * || eps_theta(z_t, t, c_adv) - (e_0 - eta (e_p - e_0)) ||^2
+at the same z_t, t and target as the erasure term.
+
 One iteration (release train.py, fact sheet §3):
   1. draw t_enc ~ U{0..S-1}, t ~ U[round(t_enc/S*T), round((t_enc+1)/S*T)), x_T ~ N(0, I) [1, 4, h, w]
      (and a seed for DDIM's eta-noise), all from ONE CPU torch.Generator in that order, so a seed gives the
@@ -87,8 +92,9 @@ class UnGuideObjective:
                  start_guidance: float = 9.0, negative_guidance: float = 2.0, ddim_eta: float = 0.0,
                  release_schedule: bool = False, fixed_t_enc: int | None = None,
                  autocast_dtype: torch.dtype | None = None, frozen_model: nn.Module | None = None,
-                 preserve_weight: float = 1.0):
+                 preserve_weight: float = 1.0, adversary=None):
         self.model, self.emb = model, emb
+        self.adversary = adversary  # an ldm.erasure.adversarial.Adversary, or None
         self.preserve_weight = float(preserve_weight)
         self.latent_shape = tuple(latent_shape)
         self.S = int(ddim_steps)
@@ -153,18 +159,30 @@ class UnGuideObjective:
     # -- 4. the loss -------------------------------------------------------------------------------------------
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Plan]:
         """One iteration's loss (a scalar with grad to the adapters) and the draws that produced it."""
+        adv = None if self.adversary is None else self.adversary.context()         # c_adv [1, 77, D] or None
         plan = self.draw(generator)
         z = self.partial_latent(plan)                                               # [1, 4, h, w]
         t = torch.full((z.shape[0],), plan.t, device=self.device, dtype=torch.long)  # [1]
         frozen = self.frozen_eps(z, t)                                              # [2 + P, 4, h, w]
         e_0, e_p, e_k = frozen[0:1], frozen[1:2], frozen[2:]
         target = e_0 - self.negative_guidance * (e_p - e_0)                         # [1, 4, h, w]
-        conds = self._conds(self.emb.target)                                        # [1 + P, 77, D]
+        conds = self._conds(self.emb.target) if adv is None else self._conds(self.emb.target, adv)  # [1 (+1) + P, ...]
         with self._autocast():
             adapted = self.model.apply_model(z.expand(len(conds), -1, -1, -1), t.expand(len(conds)), conds)
-        e_n, e_kn = adapted[0:1].float(), adapted[1:].float()
+        n = 1 if adv is None else 2
+        e_n, e_kn = adapted[0:1].float(), adapted[n:].float()
         loss = F.mse_loss(e_n, target)
+        if adv is not None:
+            loss = loss + self.adversary.s.weight * F.mse_loss(adapted[1:2].float(), target)
         if len(e_k):
             loss = loss + self.preserve_weight * F.mse_loss(e_kn, e_k)
         return loss, plan
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the generator: the attacker's state (nothing without one)."""
+        return {} if self.adversary is None else {"adversary": self.adversary.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
 

@@ -47,6 +47,7 @@ class TrainSettings:
     method: str = trained(default="unguide", legacy="unguide")         # a key of ldm.erasure.methods.METHODS
     train_method: str | None = trained(default=None, legacy=None)      # ESD's parameter set (esd only)
     sepce: dict | None = trained(default=None, legacy=None)            # SepCE's options (sepce only)
+    adversarial: dict | None = trained(default=None, legacy=None)      # the adversarial term's (AdversarySettings)
     # ---- how and where ---------------------------------------------------------------------------------------
     iterations: int = 200
     config: str = ""
@@ -82,12 +83,16 @@ class TrainSettings:
                 parts = {k: v for k, v in parts.items() if not k.endswith("guidance")}
                 parts.update(reg_beta=self.sepce["reg_beta"], threshold=self.sepce["threshold"],
                              preserve=len(self.preserve or []))
+            if self.adversarial:
+                parts.update(adversarial=f"{self.adversarial['tokens']}x{self.adversarial['every']}")
             return "_".join(f"{k}_{v}" for k, v in parts.items() if v is not None)
         parts = {"class_name": self.class_name, "lora_rank": self.lora_rank, "lora_alpha": num(self.lora_alpha),
                  "iterations": self.iterations, "lr": self.lr, "start_guidance": self.start_guidance,
                  "negative_guidance": self.negative_guidance, "ddim_steps": self.ddim_steps}
         if self.preserve:  # ours, not the release's: its own folder
             parts.update(preserve=len(self.preserve), preserve_weight=num(self.preserve_weight))
+        if self.adversarial:  # ours too
+            parts.update(adversarial=f"{self.adversarial['tokens']}x{self.adversarial['every']}")
         return "_".join(f"{k}_{v}" for k, v in parts.items())
 
     def config_record(self) -> dict:
@@ -96,6 +101,8 @@ class TrainSettings:
         alpha = self.lora_alpha
         alpha = int(alpha) if alpha is not None and float(alpha).is_integer() else alpha
         ours = {} if self.method == "unguide" else {"method": self.method, "train_method": self.train_method}
+        if self.adversarial:
+            ours["adversarial"] = self.adversarial
         return {
             "config": self.config, "ckpt": self.ckpt, "lora_rank": self.lora_rank, "lora_alpha": alpha,
             "target_modules": self.target_modules, "iterations": self.iterations, "lr": self.lr,

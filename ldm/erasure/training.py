@@ -149,7 +149,9 @@ class Trainer:
                 "lora": {k: v.detach().cpu().clone() for k, v in self.method.tensors.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else {},
-                "losses": torch.tensor(self.losses, dtype=torch.float64), "train_seconds": float(self.train_seconds)}
+                "losses": torch.tensor(self.losses, dtype=torch.float64), "train_seconds": float(self.train_seconds),
+                "objective": self.method.objective.state_dict() if hasattr(self.method.objective, "state_dict")
+                else {}}
 
     def load_state_dict(self, state: dict) -> None:
         self.method.restore(state["lora"])
@@ -161,6 +163,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.done, self.losses = int(state["iteration"]), [float(v) for v in state["losses"]]
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        if hasattr(self.method.objective, "load_state_dict"):  # e.g. the adversarial term's attacker
+            self.method.objective.load_state_dict(state.get("objective") or {})
 
 
 def read_state(path: Path, fingerprint: dict, tensor_keys, legacy: dict | None = None) -> dict:

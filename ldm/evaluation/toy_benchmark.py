@@ -85,6 +85,12 @@ def add_toy_args(p) -> None:
     p.add_argument("--train_check_min_kept", type=float, default=0.0,
                    help="train.py --check_min_kept: every preserved digit's adapter-alone share at least this "
                         "(0: not checked, the sweep's setting)")
+    p.add_argument("--train_adv_every", type=int, default=0,
+                   help="train.py --adv_every: adversarial training, an attacker's words against the adapter every N "
+                        "iterations (0: off, the sweep's setting)")
+    p.add_argument("--train_adv_tokens", type=int, default=3, help="train.py --adv_tokens")
+    p.add_argument("--train_adv_steps", type=int, default=5, help="train.py --adv_steps")
+    p.add_argument("--train_adv_weight", type=float, default=1.0, help="train.py --adv_weight")
     p.add_argument("--t_enc", type=int, default=s["t_enc"], help="stability test: partial trajectory down to t_enc")
     p.add_argument("--repeats", type=int, default=s["repeats"], help="stability test draws per prompt")
     p.add_argument("--device", default="cpu")
@@ -114,6 +120,9 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
                  "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
         if getattr(args, "train_check_min_kept", 0) > 0:  # only when asked: the sweep's run names stay as they were
             argv += ["--check_min_kept", str(args.train_check_min_kept)]
+    if getattr(args, "train_adv_every", 0) > 0:  # the same: only when asked
+        argv += ["--adv_every", str(args.train_adv_every), "--adv_tokens", str(args.train_adv_tokens),
+                 "--adv_steps", str(args.train_adv_steps), "--adv_weight", str(args.train_adv_weight)]
     # the name's hash sees the prompts JSON relative to the repository: another checkout reuses the same runs
     key = " ".join(argv).replace(str(ROOT) + "/", "")
     name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -103,6 +103,7 @@ def test_adversarial_training_resumes_exactly_and_names_its_run(ckpt, tmp_path, 
     assert run_dir(whole).name.endswith("_adversarial_3x2")
     cfg = json.loads((run_dir(whole) / "train_config.json").read_text())
     assert cfg["adversarial"]["every"] == 2 and cfg["adversarial"]["tokens"] == 3
+    assert cfg["adversary_last"]["text"].endswith("a photo of the cat")  # the attacker's last words, on record
     plain = tmp_path / "plain"
     assert train_main(args(ckpt, plain, iterations=8))[0] == 0
     assert not same(adapter(run_dir(plain) / "models" / "lora.safetensors"), adapter(final))

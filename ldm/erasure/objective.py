@@ -178,6 +178,10 @@ class UnGuideObjective:
             loss = loss + self.preserve_weight * F.mse_loss(e_kn, e_k)
         return loss, plan
 
+    def summary(self) -> dict:
+        """For train_config.json: the attacker's last search (its prompt, its loss before / after), if any."""
+        return {} if self.adversary is None or not self.adversary.last else {"adversary_last": self.adversary.last}
+
     def state_dict(self) -> dict:
         """What a resumed run needs besides the generator: the attacker's state (nothing without one)."""
         return {} if self.adversary is None else {"adversary": self.adversary.state_dict()}

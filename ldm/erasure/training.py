@@ -393,6 +393,9 @@ class TrainingRun:
             self.record["erasure_check"] = check
         if self.calibration is not None and status == "complete":
             self.record["calibration"] = self.calibration
+        summary = getattr(self.method.objective, "summary", None)  # e.g. the adversarial term's last attack
+        if summary is not None and summary():
+            self.record.update(summary())
         write_json(self.files.config, self.record)
         if self.settings.save_losses:
             print(write_losses(self.files.run_dir, losses))

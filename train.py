@@ -13,6 +13,12 @@ there and are refused. --method sepce is SepCE / SRS-ME (ldm/erasure/sepce.py): 
 keys and values that leave --preserve's prompts' tokens alone, stopped by its momentum rule (--reg_beta, --threshold,
 --scale_factor, --sepce_*; SRS-ME's defaults: at most 1000 iterations, lr 1e-6).
 
+Ours, off by default: --preserve (prompts the adapter must not move), the erasure check (--check_*: train on until
+the adapter erases), the stored threshold (--calibrate) and adversarial training (--adv_every N: every N iterations
+an attacker searches --adv_tokens words in front of the target prompt against the current adapter, UnlearnDiffAtk's
+way, and that prompt joins the erasure term: ldm/erasure/adversarial.py; the folder name ends in
+_adversarial_<tokens>x<N>).
+
 One copy of the base model is loaded: the frozen predictions e_0/e_p come from the same weights with the
 adapters switched off (ldm/erasure/objective.py). Output, as the UnGuide release:
     <output_dir>/class_name_<json stem>_lora_rank_<r>_lora_alpha_<a>_iterations_<n>_lr_<lr>_start_guidance_<g>

@@ -13,7 +13,7 @@ Runs the project's own scripts, each in its own process as a user would, on mode
                             exact run finished before
     2. compute_lora_diff.py per test seed: the stability test's d(p) for every prompt (the draws generate_images.py's
                             on-the-fly test takes with the same seed) and the calibrated threshold; also held-out
-                            wordings of the other digits, for the test's false-positive rate
+                            wordings of the other digits (its false positives; drawn too, step 3)
     3. generate_images.py   the images of every (prompt, w) some way needs, once: w = 1 (the base model), 0 (the
                             adapter alone), -1 and 2 (UnGuide's w1 and w2). Every way uses the same seeds
                             (seed * 1000 + index), so a way is a choice of w per prompt, read off the same images

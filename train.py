@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adv_steps", type=positive(int), default=5, help="its Adam steps per search")
     a.add_argument("--adv_weight", type=positive(float), default=1.0, help="beta of the adversarial erasure term")
     a.add_argument("--adv_images", type=positive(int), default=8, help="concept images the base model draws for it")
+    a.add_argument("--adv_decision_weight", type=finite, default=0.0,
+                   help="the attacker also pushes the stability test's d(p) under d(\"\") (at --calibrate_t_enc), "
+                        "with this weight, as the test attack's decision term (0: its denoising loss alone)")
     k = p.add_argument_group("the adapter's threshold (ours: ldm/erasure/calibration.py)")
     k.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
                    help="at the end, learn the stability test's threshold from the prompts JSON's concept and other "
@@ -215,8 +218,13 @@ def _adversarial(args) -> dict | None:
     if not getattr(args, "adv_every", 0):
         return None
     from ldm.erasure.adversarial import AdversarySettings
-    return AdversarySettings(every=args.adv_every, tokens=args.adv_tokens, steps=args.adv_steps,
-                             weight=args.adv_weight, images=args.adv_images).record()
+    try:
+        return AdversarySettings(every=args.adv_every, tokens=args.adv_tokens, steps=args.adv_steps,
+                                 weight=args.adv_weight, images=args.adv_images,
+                                 decision_weight=args.adv_decision_weight,
+                                 t_enc=args.calibrate_t_enc if args.adv_decision_weight > 0 else None).record()
+    except ValueError as exc:
+        raise UserError(f"--adv_*: {exc}")
 
 
 def _arguments(args) -> dict:

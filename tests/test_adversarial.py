@@ -61,13 +61,16 @@ def test_the_attacker_searches_every_few_iterations_with_frozen_weights_and_type
     assert a.space.round_trips(a.space.ids[a.idx], CAT)
 
 
-def test_the_attack_step_lowers_the_attackers_loss(base):
-    """The search does its job: on fixed draws, the found words let the adapted model denoise the concept's
-    latents better than the words it started from (summed over several starts: one start may not move)."""
+@pytest.mark.parametrize("decision_weight", [0.0, 0.5])
+def test_the_attack_step_lowers_the_attackers_loss(base, decision_weight):
+    """The search does its job: on fixed draws, the found words score a lower attack loss (the adapted model
+    denoises the concept's latents better; with the decision term, also a smaller d(p)) than the words it started
+    from (summed over several starts: one start may not move)."""
     model = adapted(base, b_scale=0.05)
     gains = []
     for seed in range(4):
-        a = adversary(model, steps=12, lr=1.0)
+        a = adversary(model, steps=12, lr=1.0, decision_weight=decision_weight, t_enc=2)
+        assert (a.t_range is None) == (decision_weight == 0)
         a.generator.manual_seed(100 + seed)
         a.idx = torch.randint(0, len(a.space.ids), (3,), generator=a.generator)
 
@@ -111,7 +114,8 @@ def test_adversarial_training_resumes_exactly_and_names_its_run(ckpt, tmp_path, 
 
 @pytest.mark.parametrize("extra, want", [(["--adv_every", "-1"], "--adv_every -1"),
                                          (["--adv_every", "2", "--method", "sepce"], "--adv_every"),
-                                         (["--adv_every", "2", "--adv_tokens", "0"], "--adv_tokens")])
+                                         (["--adv_every", "2", "--adv_tokens", "0"], "--adv_tokens"),
+                                         (["--adv_every", "2", "--adv_decision_weight", "-1"], "decision_weight")])
 def test_bad_adversarial_flags_are_one_line(extra, want, ckpt, tmp_path, capsys):
     code, err = train_main(args(ckpt, tmp_path / "out", *extra, iterations=2), capsys)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("erasing ")]

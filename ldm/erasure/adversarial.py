@@ -6,8 +6,11 @@ joins the erasure term:
 
     every `every` iterations (the attack step, the adapter frozen):
         e [K, D]  K tokens in front of the target prompt, warm-started from the last ones; `steps` Adam steps
-                  on UnlearnDiffAtk's loss with the ADAPTED model (adapters on: the erased model is attacked),
+                  on the test attack's own objective (ldm.attacks.unlearndiffatk.objective) with the ADAPTED model
+                  alone (w = 0: the erased model is attacked),
             L_att(e) = E_{t, n} || eps_theta(x_t, t, c(e + target)) - n ||^2,  x_t = q_sample(z0, t, n)
+                       + decision_weight * L_dec    (optional: pushes the stability test's d(p) under 0.9 d(""),
+                                                     at the test's t range, as the test attack does)
                   z0 [N, 4, h, w]: latents of the concept, drawn once by the base model (adapters off)
                   projected onto whole-word vocabulary tokens (straight-through, as the attack: a prompt a user
                   can type)
@@ -22,14 +25,14 @@ seed), so the erasure term's draws are those of a run without the attacker; its 
 iteration) goes into the run's state.pt and a resumed run continues bit-exactly.
 """
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from ldm.attacks.tokens import TokenSpace
-from ldm.attacks.unlearndiffatk import encode, frozen
+from ldm.attacks.unlearndiffatk import encode, frozen, objective
 from ldm.erasure.delta import adapters_disabled
-from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, sample_ddim
+from ldm.models.diffusion.ddim import cfg_model_fn, ddim_timesteps, ddpm_t_range, sample_ddim
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,16 @@ class AdversarySettings:
     images: int = 8          # N concept latents, drawn once by the base model
     weight: float = 1.0      # of the adversarial erasure term
     guidance: float = 7.5    # CFG of the concept latents' sampling
+    decision_weight: float = 0.0  # of the attack's decision term (0: the denoising loss alone)
+    t_enc: int | None = None      # the stability test's t_enc that term aims at (None: steps // 2)
 
     def __post_init__(self):
         for name in ("every", "tokens", "steps", "batch", "images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"adversarial {name} must be >= 1, got {getattr(self, name)}")
-        if not self.weight > 0 or not self.lr > 0:
-            raise ValueError(f"adversarial weight and lr must be > 0, got {self.weight}, {self.lr}")
+        if not self.weight > 0 or not self.lr > 0 or self.decision_weight < 0:
+            raise ValueError(f"adversarial weight and lr must be > 0 and decision_weight >= 0, got {self.weight}, "
+                             f"{self.lr}, {self.decision_weight}")
 
     def record(self) -> dict:
         return asdict(self)
@@ -64,6 +70,10 @@ class Adversary:
         self.space = TokenSpace(model.cond_stage_model, settings.tokens)
         self.generator = torch.Generator().manual_seed(seed)
         self.z0 = self._concept_latents(latent_shape, steps)                       # [N, 4, h, w]
+        self.uncond = model.get_learned_conditioning([""]).detach()                # [1, 77, D]
+        t_enc = settings.t_enc if settings.t_enc is not None else steps // 2
+        self.t_range = ddpm_t_range(steps, t_enc, model.num_timesteps) if settings.decision_weight > 0 else None
+        self.attacked = SimpleNamespace(model=model, adapters=["lora"])  # the attack's view: one adapter, w = 0
         self.idx = torch.randint(0, len(self.space.ids), (settings.tokens,), generator=self.generator)  # [K]
         self.calls = 0
         self.last: dict = {}
@@ -80,12 +90,11 @@ class Adversary:
             return sample_ddim(fn, x_T, m.alphas_cumprod, ddim_timesteps(steps, m.num_timesteps)).float()
 
     def attack_loss(self, cond: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-        """L_att: the adapted model's denoising loss on concept latents z0[pick], conditioned on cond [1, 77, D]."""
-        m, z0 = self.model, self.z0[pick]
-        t = torch.randint(0, m.num_timesteps, (len(z0),), generator=self.generator).to(m.device)
-        noise = torch.randn(z0.shape, generator=self.generator).to(z0)
-        eps = m.apply_model(m.q_sample(z0, t, noise), t, cond.expand(len(z0), -1, -1))
-        return F.mse_loss(eps.float(), noise)
+        """L_att for cond [1, 77, D] on concept latents z0[pick]: the test attack's objective against the adapter
+        alone (its denoising loss, plus its decision term when decision_weight > 0)."""
+        loss, _ = objective(self.attacked, cond, self.uncond, self.z0[pick], [0.0], self.generator, self.t_range,
+                            self.s.decision_weight)
+        return loss
 
     def search(self) -> None:
         """One attack step: `steps` Adam steps on the tokens (warm start), the adapters' weights frozen."""

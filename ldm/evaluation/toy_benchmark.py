@@ -91,6 +91,7 @@ def add_toy_args(p) -> None:
     p.add_argument("--train_adv_tokens", type=int, default=3, help="train.py --adv_tokens")
     p.add_argument("--train_adv_steps", type=int, default=5, help="train.py --adv_steps")
     p.add_argument("--train_adv_weight", type=float, default=1.0, help="train.py --adv_weight")
+    p.add_argument("--train_adv_decision_weight", type=float, default=0.0, help="train.py --adv_decision_weight")
     p.add_argument("--t_enc", type=int, default=s["t_enc"], help="stability test: partial trajectory down to t_enc")
     p.add_argument("--repeats", type=int, default=s["repeats"], help="stability test draws per prompt")
     p.add_argument("--device", default="cpu")
@@ -123,6 +124,8 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
     if getattr(args, "train_adv_every", 0) > 0:  # the same: only when asked
         argv += ["--adv_every", str(args.train_adv_every), "--adv_tokens", str(args.train_adv_tokens),
                  "--adv_steps", str(args.train_adv_steps), "--adv_weight", str(args.train_adv_weight)]
+        if getattr(args, "train_adv_decision_weight", 0) > 0:
+            argv += ["--adv_decision_weight", str(args.train_adv_decision_weight)]
     # the name's hash sees the prompts JSON relative to the repository: another checkout reuses the same runs
     key = " ".join(argv).replace(str(ROOT) + "/", "")
     name = f"{Path(prompts_json).stem}_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -85,6 +85,13 @@ def test_shipped_specs_parse_and_share_one_training_between_adapter_alone_and_un
     assert bench.trainings[("UnGuide, release rule", "three")] is lora
     assert bench.trainings[("UnGuide, guarded", "three")] is lora
     assert bench.trainings[("UnGuide-ESD-x, guarded", "five")] is bench.trainings[("ESD-x", "five")]
+    # every training stores a threshold calibrated at the spec's stability test (t_enc 25), given or not: a
+    # threshold measured at train.py's default t_enc (40) would flag by ratios of another test (the ESD-x delta
+    # for zero: target 1.88 d("") at t_enc 40, 0.98 at 25)
+    for m in spec.methods:
+        if m.train:
+            argv = bench._train_argv(m, spec.concepts[0])
+            assert argv[argv.index("--calibrate_t_enc") + 1] == "25" and argv.count("--calibrate_t_enc") == 1, m.name
     # the SD spec needs the SD weights and a local CLIP folder: without them, one line naming the field
     with pytest.raises(UserError, match=r"model\.ckpt|judge\.clip_model"):
         B.load_spec(ROOT / "configs/benchmark/sd-v1-4.yaml")

@@ -666,6 +666,8 @@ class Benchmark:
             argv += [f"--{k}", *map(str, v)] if isinstance(v, list) else [f"--{k}", str(v)]
         if "ddim_steps" not in m.train:
             argv += ["--ddim_steps", str(self.spec.sampling["steps"])]
+        if "calibrate_t_enc" not in m.train:  # the threshold the file stores (train.py --calibrate), measured at
+            argv += ["--calibrate_t_enc", str(self.spec.sampling["t_enc"])]  # this spec's stability test
         return argv
 
     def _train_stage(self, m: Method, c: Concept) -> Stage:

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ours, off by default: prompts the adapter must not move (adds lambda * mean_k "
                         "||eps_adapted(c_k) - eps_base(c_k)||^2 to the loss; ldm/erasure/objective.py)")
     p.add_argument("--preserve_weight", type=positive(float), default=None, help="lambda of --preserve (default 1)")
+    p.add_argument("--erase_synonyms", action="store_true",
+                   help="ours, off by default: each iteration erases the target or one of the JSON's \"synonyms\" "
+                        "(drawn uniformly), not the target alone")
     p.add_argument("--schedule", choices=["standard", "release"], default="standard",
                    help="DDIM timesteps: standard (981..1) or release (drops 981: 49 steps from 961)")
     p.add_argument("--save_losses", action="store_true", help="write losses.csv and losses.png")
@@ -210,7 +213,18 @@ def settings_from_args(args, prompts: dict[str, str]) -> TrainSettings:
         class_name=Path(args.prompts_json).stem, output_dir=args.output_dir, target_modules=args.target_modules,
         target_preset=["nsfw"] if nsfw else args.target_modules, precision=args.precision,
         device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
-        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args))
+        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args),
+        erase_also=_erase_also(args, prompts))
+
+
+def _erase_also(args, prompts: dict) -> list[str] | None:
+    """--erase_synonyms: the prompts JSON's synonyms (an error when it lists none)."""
+    if not getattr(args, "erase_synonyms", False):
+        return None
+    also = [p for p in prompts.get("synonyms") or [] if p and p != prompts["target"]]
+    if not also:
+        raise UserError(f"--erase_synonyms: {args.prompts_json} lists no \"synonyms\"")
+    return also
 
 
 def _adversarial(args) -> dict | None:
@@ -242,7 +256,8 @@ def _full_rank_settings(args, prompts: dict[str, str]) -> TrainSettings:
         prompts_json=args.prompts_json, class_name=Path(args.prompts_json).stem, output_dir=args.output_dir,
         target_modules=[], target_preset=[args.train_method], precision=args.precision,
         device=str(resolve_device(args.device)), save_every=args.save_every, save_losses=args.save_losses,
-        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args))
+        resume=args.resume, arguments=_arguments(args), adversarial=_adversarial(args),
+        erase_also=_erase_also(args, prompts))
 
 
 def run_name(args, class_name: str) -> str:

@@ -1,5 +1,6 @@
 """Erasure training (ldm/erasure/objective.py, train.py) on the tiny model. CPU, offline."""
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -162,6 +163,34 @@ def test_preservation_term_is_lambda_times_the_preserved_prompts_drift(base):
     assert abs(float((l1 - l0).detach()) - 0.5 * float(drift)) <= 1e-5 * float(drift) + 1e-9
     l1.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(model.unet))
+
+
+def test_other_wordings_are_erased_one_drawn_per_iteration_with_its_own_context(base):
+    """--erase_synonyms: each iteration draws its wording (last, after t_enc, t, x_T and the noise seed: the other
+    draws are those of a run without it) and the whole loss is the target-only loss with that wording's context in
+    place of c_p (trajectory, e_p, e_n); over draws every wording comes up."""
+    shape = base.latent_shape(16)
+    model = adapted(base, b_scale=0.05)
+    also = ("a photo of the kitten", "a photo of the feline")
+    emb = encode_prompts(model, "a photo of the cat", "a photo of the forest", (), also)
+    obj = UnGuideObjective(model, emb, shape, ddim_steps=5)
+    plain = UnGuideObjective(model, encode_prompts(model, "a photo of the cat", "a photo of the forest"), shape,
+                             ddim_steps=5)
+    seen = set()
+    for seed in range(12):
+        loss, plan = obj.loss(torch.Generator().manual_seed(seed))
+        p0 = plain.draw(torch.Generator().manual_seed(seed))
+        assert (plan.t_enc, plan.t, plan.noise_seed) == (p0.t_enc, p0.t, p0.noise_seed)
+        seen.add(plan.prompt)
+        wording = ("a photo of the cat", *also)[plan.prompt]
+        single = UnGuideObjective(model, encode_prompts(model, wording, "a photo of the forest"), shape, ddim_steps=5)
+        z = single.partial_latent(dataclasses.replace(plan, prompt=0))  # the same draws, that wording as c_p
+        t = torch.full((1,), plan.t, dtype=torch.long)
+        f = single.frozen_eps(z, t)
+        e_n = model.apply_model(z, t, single.emb.target)
+        expected = F.mse_loss(e_n, f[0:1] - 2.0 * (f[1:2] - f[0:1]))
+        assert abs(float(loss.detach()) - float(expected.detach())) <= 1e-5 * float(expected.detach()) + 1e-9
+    assert seen == {0, 1, 2}
 
 
 def test_partial_trajectory_uses_the_adapted_model(base):
@@ -490,7 +519,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(ckpt, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("case", ["missing", "not_json", "not_object", "no_target", "no_reference", "empty_target",
-                                  "iterations", "lr", "rank", "targets", "fp16_cpu", "ckpt", "preserve_target"])
+                                  "iterations", "lr", "rank", "targets", "fp16_cpu", "ckpt", "preserve_target",
+                                  "no_synonyms"])
 def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest"}))
@@ -521,6 +551,8 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path, capsys):
         ckpt, want = tmp_path / "missing.ckpt", "missing.ckpt"
     elif case == "preserve_target":
         extra, want = ["--preserve", "a dog", "a photo of the cat"], "--preserve"
+    elif case == "no_synonyms":
+        extra, want = ["--erase_synonyms"], "--erase_synonyms"
     argv = args(ckpt, tmp_path / "out", prompts=prompts, iterations=2)
     if extra:  # later flags win in argparse
         argv += extra

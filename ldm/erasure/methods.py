@@ -32,7 +32,10 @@ Builder = Callable[[object, TrainSettings, torch.Generator, object], Method]
 
 
 def _objective(model, s: TrainSettings, reference: str, autocast) -> UnGuideObjective:
-    emb = encode_prompts(model, s.target_prompt, reference, tuple(s.preserve or ()))
+    emb = encode_prompts(model, s.target_prompt, reference, tuple(s.preserve or ()), tuple(s.erase_also or ()))
+    if s.erase_also:
+        print(f"erasing also {len(s.erase_also)} other wordings (one drawn per iteration with the target): "
+              + ", ".join(repr(p) for p in s.erase_also))
     shape = model.latent_shape(s.image_size)
     adversary = None
     if s.adversarial:  # the attacker inside training (ldm/erasure/adversarial.py): its own generator

@@ -22,6 +22,10 @@ Optional preservation term (ours, off by default; not in the release): prompts c
 at the same z_t and t. ESD's objective sees only the target prompt, so nothing stops a rank-1 adapter from
 moving every prompt that shares its text features; this term names the ones that must not move.
 
+Optional other wordings of the concept (ours, off by default: train.py --erase_synonyms): each iteration draws
+its c_p from [target, *also] (the last draw of the iteration, so a run without them draws as before); the
+trajectory, e_p and e_n all take that wording's context.
+
 Optional adversarial term (ours, off by default; ldm/erasure/adversarial.py): an attacker's context c_adv
 (searched words in front of the target prompt, refreshed every few iterations against the current adapter),
     loss += beta * || eps_theta(z_t, t, c_adv) - (e_0 - eta (e_p - e_0)) ||^2
@@ -60,14 +64,17 @@ class PromptEmbeddings:
     reference: torch.Tensor                 # c_0 [1, 77, D]
     uncond: torch.Tensor                    # c_u [1, 77, D]
     preserve: torch.Tensor | None = None    # c_k [P, 77, D] (the optional preservation term), or None
+    also: torch.Tensor | None = None        # [A, 77, D] other wordings of the concept erased too, or None
 
 
 @torch.no_grad()
-def encode_prompts(model, target: str, reference: str, preserve: tuple[str, ...] = ()) -> PromptEmbeddings:
+def encode_prompts(model, target: str, reference: str, preserve: tuple[str, ...] = (),
+                   also: tuple[str, ...] = ()) -> PromptEmbeddings:
     """Encode the prompts once (in one text-encoder call)."""
-    emb = model.get_learned_conditioning([target, reference, "", *preserve])  # [3 + P, 77, D]
+    emb = model.get_learned_conditioning([target, reference, "", *preserve, *also])  # [3 + P + A, 77, D]
+    p = 3 + len(preserve)
     return PromptEmbeddings(emb[0:1].clone(), emb[1:2].clone(), emb[2:3].clone(),
-                            emb[3:].clone() if preserve else None)
+                            emb[3:p].clone() if preserve else None, emb[p:].clone() if also else None)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Plan:
     t: int                     # DDPM timestep in ddpm_t_range(S, t_enc)
     start_code: torch.Tensor   # x_T [1, 4, h, w], on the CPU
     noise_seed: int            # seeds the DDIM eta-noise generator (unused when ddim_eta == 0)
+    prompt: int = 0            # the wording erased this iteration: 0 the target, i >= 1 emb.also[i - 1]
 
 
 class UnGuideObjective:
@@ -118,7 +126,12 @@ class UnGuideObjective:
         t = int(torch.randint(lo, hi, (1,), generator=generator))
         start_code = torch.randn((1, *self.latent_shape), generator=generator)
         noise_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-        return Plan(t_enc, t, start_code, noise_seed)
+        prompt = 0 if self.emb.also is None else int(torch.randint(1 + len(self.emb.also), (1,), generator=generator))
+        return Plan(t_enc, t, start_code, noise_seed, prompt)
+
+    def target(self, plan: Plan) -> torch.Tensor:
+        """c_p [1, 77, D] of this iteration: the target prompt's, or the drawn other wording's."""
+        return self.emb.target if plan.prompt == 0 else self.emb.also[plan.prompt - 1:plan.prompt]
 
     def _autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
@@ -131,7 +144,7 @@ class UnGuideObjective:
         """z [1, 4, h, w]: DDIM with CFG (start_guidance, uncond "") of the adapted model, down to t_enc."""
         x_T = plan.start_code.to(self.device, torch.float32)
         n = partial_steps(self.S, plan.t_enc, self.release_schedule)
-        fn = cfg_model_fn(self.model.apply_model, self.emb.target, self.emb.uncond, self.start_guidance)
+        fn = cfg_model_fn(self.model.apply_model, self.target(plan), self.emb.uncond, self.start_guidance)
         gen = torch.Generator(self.device).manual_seed(plan.noise_seed) if self.ddim_eta > 0 else None
         with self._autocast():
             z = sample_ddim(fn, x_T, self.model.alphas_cumprod, self.timesteps, eta=self.ddim_eta, generator=gen,
@@ -145,10 +158,10 @@ class UnGuideObjective:
         return torch.cat([*parts, *extra])                                 # [n + P, 77, D]
 
     @torch.no_grad()
-    def frozen_eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """[e_0, e_p, e_k...] as one tensor [2 + P, 4, h, w]: the base model on the reference, the target and the
-        preservation prompts, at z [1, 4, h, w]."""
-        conds = self._conds(self.emb.reference, self.emb.target)
+    def frozen_eps(self, z: torch.Tensor, t: torch.Tensor, c_p: torch.Tensor | None = None) -> torch.Tensor:
+        """[e_0, e_p, e_k...] as one tensor [2 + P, 4, h, w]: the base model on the reference, the target (c_p, default
+        emb.target) and the preservation prompts, at z [1, 4, h, w]."""
+        conds = self._conds(self.emb.reference, self.emb.target if c_p is None else c_p)
         n = conds.shape[0]
         with self._autocast():
             if self.frozen_model is not None:  # the release's two-copy restatement: one call a prompt, second copy
@@ -163,10 +176,11 @@ class UnGuideObjective:
         plan = self.draw(generator)
         z = self.partial_latent(plan)                                               # [1, 4, h, w]
         t = torch.full((z.shape[0],), plan.t, device=self.device, dtype=torch.long)  # [1]
-        frozen = self.frozen_eps(z, t)                                              # [2 + P, 4, h, w]
+        c_p = self.target(plan)                                                     # [1, 77, D]
+        frozen = self.frozen_eps(z, t, c_p)                                         # [2 + P, 4, h, w]
         e_0, e_p, e_k = frozen[0:1], frozen[1:2], frozen[2:]
         target = e_0 - self.negative_guidance * (e_p - e_0)                         # [1, 4, h, w]
-        conds = self._conds(self.emb.target) if adv is None else self._conds(self.emb.target, adv)  # [1 (+1) + P, ...]
+        conds = self._conds(c_p) if adv is None else self._conds(c_p, adv)         # [1 (+1) + P, 77, D]
         with self._autocast():
             adapted = self.model.apply_model(z.expand(len(conds), -1, -1, -1), t.expand(len(conds)), conds)
         n = 1 if adv is None else 2

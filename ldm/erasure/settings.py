@@ -48,6 +48,7 @@ class TrainSettings:
     train_method: str | None = trained(default=None, legacy=None)      # ESD's parameter set (esd only)
     sepce: dict | None = trained(default=None, legacy=None)            # SepCE's options (sepce only)
     adversarial: dict | None = trained(default=None, legacy=None)      # the adversarial term's (AdversarySettings)
+    erase_also: list[str] | None = trained(default=None, legacy=None)  # other wordings erased too (--erase_synonyms)
     # ---- how and where ---------------------------------------------------------------------------------------
     iterations: int = 200
     config: str = ""
@@ -93,6 +94,8 @@ class TrainSettings:
             parts.update(preserve=len(self.preserve), preserve_weight=num(self.preserve_weight))
         if self.adversarial:  # ours too
             parts.update(adversarial=f"{self.adversarial['tokens']}x{self.adversarial['every']}")
+        if self.erase_also:
+            parts.update(synonyms=len(self.erase_also))
         return "_".join(f"{k}_{v}" for k, v in parts.items())
 
     def config_record(self) -> dict:
@@ -103,6 +106,8 @@ class TrainSettings:
         ours = {} if self.method == "unguide" else {"method": self.method, "train_method": self.train_method}
         if self.adversarial:
             ours["adversarial"] = self.adversarial
+        if self.erase_also:
+            ours["erase_also"] = list(self.erase_also)
         return {
             "config": self.config, "ckpt": self.ckpt, "lora_rank": self.lora_rank, "lora_alpha": alpha,
             "target_modules": self.target_modules, "iterations": self.iterations, "lr": self.lr,

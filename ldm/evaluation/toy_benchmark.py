@@ -85,6 +85,8 @@ def add_toy_args(p) -> None:
     p.add_argument("--train_check_min_kept", type=float, default=0.0,
                    help="train.py --check_min_kept: every preserved digit's adapter-alone share at least this "
                         "(0: not checked, the sweep's setting)")
+    p.add_argument("--train_erase_synonyms", action="store_true",
+                   help="train.py --erase_synonyms: the JSON's synonyms erased with the target (off: the sweep's)")
     p.add_argument("--train_adv_every", type=int, default=0,
                    help="train.py --adv_every: adversarial training, an attacker's words against the adapter every N "
                         "iterations (0: off, the sweep's setting)")
@@ -121,6 +123,8 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
                  "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
         if getattr(args, "train_check_min_kept", 0) > 0:  # only when asked: the sweep's run names stay as they were
             argv += ["--check_min_kept", str(args.train_check_min_kept)]
+    if getattr(args, "train_erase_synonyms", False):  # only when asked, as the two below
+        argv += ["--erase_synonyms"]
     if getattr(args, "train_adv_every", 0) > 0:  # the same: only when asked
         argv += ["--adv_every", str(args.train_adv_every), "--adv_tokens", str(args.train_adv_tokens),
                  "--adv_steps", str(args.train_adv_steps), "--adv_weight", str(args.train_adv_weight)]

@@ -107,6 +107,10 @@ def test_adversarial_training_resumes_exactly_and_names_its_run(ckpt, tmp_path, 
     cfg = json.loads((run_dir(whole) / "train_config.json").read_text())
     assert cfg["adversarial"]["every"] == 2 and cfg["adversarial"]["tokens"] == 3
     assert cfg["adversary_last"]["text"].endswith("a photo of the cat")  # the attacker's last words, on record
+    from ldm.erasure.settings import TrainSettings
+    esd = TrainSettings(None, None, [], 1e-5, CAT, "", 4, "standard", 16, 3.0, 1.0, 0.0, None, 0, None, None,
+                        method="esd", train_method="xattn", adversarial=cfg["adversarial"], erase_also=["a kitten"])
+    assert esd.run_name().endswith("_adversarial_3x2_synonyms_1")  # any ESD-objective method names its options
     plain = tmp_path / "plain"
     assert train_main(args(ckpt, plain, iterations=8))[0] == 0
     assert not same(adapter(run_dir(plain) / "models" / "lora.safetensors"), adapter(final))

@@ -180,11 +180,11 @@ class UnGuideObjective:
         frozen = self.frozen_eps(z, t, c_p)                                         # [2 + P, 4, h, w]
         e_0, e_p, e_k = frozen[0:1], frozen[1:2], frozen[2:]
         target = e_0 - self.negative_guidance * (e_p - e_0)                         # [1, 4, h, w]
-        conds = self._conds(c_p) if adv is None else self._conds(c_p, adv)         # [1 (+1) + P, 77, D]
+        heads = [c_p] if adv is None else [c_p, adv]
+        conds = self._conds(*heads)                                                 # [len(heads) + P, 77, D]
         with self._autocast():
             adapted = self.model.apply_model(z.expand(len(conds), -1, -1, -1), t.expand(len(conds)), conds)
-        n = 1 if adv is None else 2
-        e_n, e_kn = adapted[0:1].float(), adapted[n:].float()
+        e_n, e_kn = adapted[0:1].float(), adapted[len(heads):].float()
         loss = F.mse_loss(e_n, target)
         if adv is not None:
             loss = loss + self.adversary.s.weight * F.mse_loss(adapted[1:2].float(), target)

@@ -84,19 +84,24 @@ class TrainSettings:
                 parts = {k: v for k, v in parts.items() if not k.endswith("guidance")}
                 parts.update(reg_beta=self.sepce["reg_beta"], threshold=self.sepce["threshold"],
                              preserve=len(self.preserve or []))
-            if self.adversarial:
-                parts.update(adversarial=f"{self.adversarial['tokens']}x{self.adversarial['every']}")
+            parts.update(self._training_options())
             return "_".join(f"{k}_{v}" for k, v in parts.items() if v is not None)
         parts = {"class_name": self.class_name, "lora_rank": self.lora_rank, "lora_alpha": num(self.lora_alpha),
                  "iterations": self.iterations, "lr": self.lr, "start_guidance": self.start_guidance,
                  "negative_guidance": self.negative_guidance, "ddim_steps": self.ddim_steps}
         if self.preserve:  # ours, not the release's: its own folder
             parts.update(preserve=len(self.preserve), preserve_weight=num(self.preserve_weight))
-        if self.adversarial:  # ours too
-            parts.update(adversarial=f"{self.adversarial['tokens']}x{self.adversarial['every']}")
-        if self.erase_also:
-            parts.update(synonyms=len(self.erase_also))
+        parts.update(self._training_options())
         return "_".join(f"{k}_{v}" for k, v in parts.items())
+
+    def _training_options(self) -> dict:
+        """The folder-name parts of our training options that any ESD-objective method can take."""
+        parts = {}
+        if self.adversarial:
+            parts["adversarial"] = f"{self.adversarial['tokens']}x{self.adversarial['every']}"
+        if self.erase_also:
+            parts["synonyms"] = len(self.erase_also)
+        return parts
 
     def config_record(self) -> dict:
         """train_config.json before training: the release's keys first, then ours (the loop fills in the

@@ -394,8 +394,7 @@ class TrainingRun:
         if self.calibration is not None and status == "complete":
             self.record["calibration"] = self.calibration
         summary = getattr(self.method.objective, "summary", None)  # e.g. the adversarial term's last attack
-        if summary is not None and summary():
-            self.record.update(summary())
+        self.record.update(summary() if summary is not None else {})
         write_json(self.files.config, self.record)
         if self.settings.save_losses:
             print(write_losses(self.files.run_dir, losses))

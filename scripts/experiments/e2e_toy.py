@@ -309,12 +309,11 @@ def evaluate(args, digit: str, prompts_json: Path, lora: Path, folder: Path, see
              for name, t in (("release", 1.0), ("calibrated", tau))}
     for name, t in (("release", 1.0), ("calibrated", tau)):
         flags[name]["heldout_counted"] = _mean([float(ratio[p] > t) for p in heldout_ok])
-        flags[name]["others_heldout"] = _mean([float(ratio[p] > t) for p in extra])
     return {"ways": ways, "base_others_rate": base["others_rate"], "base_others_heldout_rate":
             base["others_heldout_rate"], "weights": ws, "flagged": flags, "tau": tau, "ratios": ratio,
             "calibration_separable": (diff.get("calibration") or {}).get("separable"),
             "heldout_counted": heldout_ok, "others_heldout_counted": others_ok, "folder": str(folder),
-            "prompts": prompts, "grid_prompts": [p for p in prompts if p not in set(extra)],
+            "prompts": prompts, "grid_prompts": [p for g in GROUPS[:4] for p in groups[g]],
             "image_folders": {str(w): str(f) for w, (f, _) in classified.items()}}
 
 

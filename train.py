@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check_samples", type=positive(int), default=8, help="adapter-alone images per check")
     c.add_argument("--check_min_kept", type=finite, default=0.0,
                    help="with --check_judge digits and --preserve: passed also needs every preserved prompt's "
-                        "adapter-alone images judged as its own digit in at least this share (0: not checked)")
+                        "adapter-alone images judged as its own digit in at least this share (preserved prompts "
+                        "naming no digit, e.g. '', have no class to keep and are not judged; 0: not checked)")
     c.add_argument("--check_t_enc", type=int, default=None,
                    help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
     c.add_argument("--check_max_iterations", type=int, default=None,
@@ -383,8 +384,13 @@ def erasure_check(args, model, settings: TrainSettings):
                                        else 2 * settings.iterations),
                        samples=args.check_samples, seed=settings.seed, min_kept=args.check_min_kept)
     stability = StabilitySettings(settings.ddim_steps, args.check_t_enc, 7.5)
-    preserve = ({p: _check_judge("digits", model, p) for p in settings.preserve or []}
-                if args.check_min_kept > 0 else None)
+    preserve = None
+    if args.check_min_kept > 0:  # every preserved prompt that names a digit ("" names none: nothing to keep)
+        from ldm.evaluation.digits import digit_of_text
+        named = [p for p in settings.preserve or [] if digit_of_text(p) is not None]
+        if not named:
+            raise UserError(f"--check_min_kept {args.check_min_kept}: no --preserve prompt names a digit to keep")
+        preserve = {p: _check_judge("digits", model, p) for p in named}
     return ErasureCheck(model, settings.target_prompt, cs, stability, model.latent_shape(settings.image_size),
                         judge=_check_judge(args.check_judge, model, settings.target_prompt),
                         steps=settings.ddim_steps, preserve=preserve)

@@ -76,6 +76,9 @@ def add_toy_args(p) -> None:
     p.add_argument("--preserve_templates", nargs="+", default=[PRESERVE_TEMPLATE], metavar="TEMPLATE",
                    help="the preserved prompts: each template with each other digit ({n}: numeral, {w}: word; e.g. "
                         "'a photo of the digit {w}', the template the tables' other-digit prompts use)")
+    p.add_argument("--preserve_extra", nargs="+", default=[], metavar="PROMPT",
+                   help="more preserved prompts, verbatim (e.g. '' : the empty prompt, whose d(\"\") the stability "
+                        "test divides by; none by default, the sweep's setting)")
     p.add_argument("--train_check_every", type=int, default=s["check_every"],
                    help="train.py --check_every: the erasure check every N iterations (0: off)")
     p.add_argument("--train_check_min_ratio", type=float, default=s["check_min_ratio"], help="train.py --check_min_ratio")
@@ -116,7 +119,9 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
     # stores (train.py --calibrate) is measured as the toy benchmarks' stability test measures: t_enc, repeats
     if args.preserve_weight > 0:
         templates = getattr(args, "preserve_templates", [PRESERVE_TEMPLATE])
-        argv += ["--preserve", *preserve_prompts(prompts_json, templates), "--preserve_weight", str(args.preserve_weight)]
+        extra = list(getattr(args, "preserve_extra", []))  # only when asked: the sweep's run names stay as they were
+        argv += ["--preserve", *preserve_prompts(prompts_json, templates), *extra,
+                 "--preserve_weight", str(args.preserve_weight)]
     if getattr(args, "train_check_every", 0):
         argv += ["--check_every", str(args.train_check_every), "--check_judge", "digits", "--check_min_ratio",
                  str(args.train_check_min_ratio), "--check_max_rate", str(args.train_check_max_rate),

@@ -104,11 +104,11 @@ SHARED = ("samples", "steps", "t_enc", "repeats", "iterations", "lr", "negative_
           "target_modules", "start_guidance", "preserve_weight", "train_check_every", "train_check_min_ratio",
           "train_check_max_rate", "train_check_max_iterations", "train_check_min_kept", "other_wordings",
           "preserve_templates", "train_adv_every", "train_adv_tokens", "train_adv_steps", "train_adv_weight",
-          "train_adv_decision_weight", "train_erase_synonyms")
+          "train_adv_decision_weight", "train_erase_synonyms", "preserve_extra")
 # settings older results.json files lack: the value they ran with
 ADDED_LATER = {"train_check_min_kept": 0.0, "preserve_templates": ["a handwritten {n}"], "train_adv_every": 0,
                "train_adv_tokens": 3, "train_adv_steps": 5, "train_adv_weight": 1.0,
-               "train_adv_decision_weight": 0.0, "train_erase_synonyms": False}
+               "train_adv_decision_weight": 0.0, "train_erase_synonyms": False, "preserve_extra": []}
 
 
 def collect(paths: list[str], out: Path) -> str:

@@ -156,8 +156,29 @@ def test_ratio_and_judge_decide(base):
                                         (["--check_every", "2", "--method", "sepce", "--preserve", "a dog"],
                                          "--method sepce"),
                                         (["--check_every", "2", "--check_min_kept", "0.9", "--preserve", "a dog"],
-                                         "--check_min_kept 0.9")])
+                                         "--check_min_kept 0.9"),
+                                        (["--check_every", "2", "--check_judge", "digits", "--check_min_kept", "0.9",
+                                          "--preserve", ""], "no --preserve prompt names a digit")])
 def test_bad_check_flags_are_one_line(ckpt, tmp_path, capsys, extra, want):
     code, err = train_main(args(ckpt, tmp_path / "o", *extra, iterations=2), capsys)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("erasing ")]
     assert code == 2 and len(lines) == 1 and want in lines[0], err
+
+
+def test_the_kept_share_judges_the_preserved_prompts_that_name_a_digit(ckpt, tmp_path, monkeypatch):
+    """--check_min_kept with --preserve "a handwritten 7" "": the empty prompt is preserved (trained on) but has no
+    class to keep, so the check judges only "a handwritten 7"."""
+    judged = []
+
+    def fake(self, iteration):
+        judged.append(sorted(self.preserve))
+        return {"iteration": iteration, "ratio": 2.0, "d_target": 1.0, "d_empty": 0.5, "rate": 0.0, "kept": 1.0,
+                "passed": True}
+    monkeypatch.setattr(check_mod.ErasureCheck, "__call__", fake)
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps({"target": "a photo of the digit three", "reference": ""}))
+    out = tmp_path / "o"
+    code, _ = train_main(args(ckpt, out, "--check_every", "2", "--check_judge", "digits", "--check_min_kept", "0.9",
+                              "--preserve", "a handwritten 7", "", prompts=three, iterations=2))
+    assert code == 0 and judged == [["a handwritten 7"]]
+    assert json.loads((run_dir(out) / "train_config.json").read_text())["preserve"] == ["a handwritten 7", ""]

@@ -133,3 +133,7 @@ def test_preservation_templates_fill_in_the_other_digits_and_run_names_do_not_se
     assert moved == lora
     wider = p.parse_args(["--preserve_templates", "a handwritten {n}", "a photo of the digit {w}"])
     assert tb.train_argv(wider, tb.prompts_file("six"), tmp_path, 1)[1] != lora  # other settings, other run
+    empty = p.parse_args(["--preserve_extra", ""])
+    argv, with_empty = tb.train_argv(empty, tb.prompts_file("six"), tmp_path, 1)
+    preserved = argv[argv.index("--preserve") + 1:argv.index("--preserve_weight")]
+    assert preserved == [f"a handwritten {d}" for d in range(10) if d != 6] + [""] and with_empty != lora

@@ -46,10 +46,11 @@ from pathlib import Path
 import torch
 
 from ldm.cli import Parser, add_model_args, ddim_steps_arg, finite, load_model, positive, resolve_image_size, run
+from ldm.erasure.delta import remove_delta
 from ldm.erasure.methods import METHODS, build_unguide
 from ldm.erasure.settings import TrainSettings
 from ldm.erasure.targets import DEFAULT_TARGETS, ESD_TRAIN_METHODS, esd_layers, select_targets
-from ldm.erasure.training import RunFiles, TrainingRun, seeded_generator
+from ldm.erasure.training import RESTART_SEED_STRIDE, RunFiles, TrainingRun, seeded_generator
 from ldm.errors import UserError
 from ldm.loader import file_sha256, resolve_device, resolve_dtype
 from ldm.prompts import read_prompts_json
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --check_judge digits and --preserve: passed also needs every preserved prompt's "
                         "adapter-alone images judged as its own digit in at least this share (preserved prompts "
                         "naming no digit, e.g. '', have no class to keep and are not judged; 0: not checked)")
+    c.add_argument("--check_restarts", type=int, default=0,
+                   help="an adapter that has not passed by --check_max_iterations is dropped and the run starts over "
+                        "from a fresh one, up to this many times (attempt k draws from --seed + 1000 k; the run keeps "
+                        "the first attempt that passes, else the last; train_config.json records every attempt)")
     c.add_argument("--check_t_enc", type=int, default=None,
                    help="the check's stability test: t_enc (default --ddim_steps // 2: 25 of 50)")
     c.add_argument("--check_max_iterations", type=int, default=None,
@@ -284,6 +289,9 @@ def check_input(args, prompts: dict[str, str]):
     if args.check_every and args.check_min_kept > 0 and (args.check_judge != "digits" or not args.preserve):
         raise UserError(f"--check_min_kept {args.check_min_kept}: judges the --preserve prompts' images by their own "
                         "class, which needs --check_judge digits and --preserve")
+    if args.check_restarts < 0 or (args.check_restarts and not args.check_every):
+        raise UserError(f"--check_restarts {args.check_restarts}: must be >= 0, and restarts need the erasure check "
+                        "(--check_every N)")
     if args.adv_every < 0:
         raise UserError(f"--adv_every {args.adv_every}: must be >= 0 (0: no adversarial term)")
     if args.adv_every and args.method == "sepce":
@@ -341,7 +349,14 @@ def _train(args) -> int:
     method = METHODS[args.method](model, settings, generator, autocast)
     check = erasure_check(args, model, settings)
     calibrate = calibration(args, model, settings, prompts)
-    return TrainingRun(settings, method, generator, files, device, autocast, check, calibrate).run()
+
+    def restart(attempt: int):
+        """--check_restarts: attempt k's fresh method, its draws from seed + RESTART_SEED_STRIDE * k."""
+        remove_delta(model.unet, "lora")
+        g = seeded_generator(settings.seed + RESTART_SEED_STRIDE * attempt)
+        return METHODS[args.method](model, settings, g, autocast), g
+    return TrainingRun(settings, method, generator, files, device, autocast, check, calibrate,
+                       restart=restart, restarts=args.check_restarts).run()
 
 
 def calibration(args, model, settings: TrainSettings, prompts: dict):

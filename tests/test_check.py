@@ -157,6 +157,7 @@ def test_ratio_and_judge_decide(base):
                                          "--method sepce"),
                                         (["--check_every", "2", "--check_min_kept", "0.9", "--preserve", "a dog"],
                                          "--check_min_kept 0.9"),
+                                        (["--check_restarts", "2"], "--check_restarts 2"),
                                         (["--check_every", "2", "--check_judge", "digits", "--check_min_kept", "0.9",
                                           "--preserve", ""], "no --preserve prompt names a digit")])
 def test_bad_check_flags_are_one_line(ckpt, tmp_path, capsys, extra, want):
@@ -182,3 +183,72 @@ def test_the_kept_share_judges_the_preserved_prompts_that_name_a_digit(ckpt, tmp
                               "--preserve", "a handwritten 7", "", prompts=three, iterations=2))
     assert code == 0 and judged == [["a handwritten 7"]]
     assert json.loads((run_dir(out) / "train_config.json").read_text())["preserve"] == ["a handwritten 7", ""]
+
+
+def _fake_check_from_call(monkeypatch, passes_from_call: int | None):
+    """ErasureCheck.__call__ replaced: passed from its call number `passes_from_call` (0-based) on; returns the
+    calls' iterations."""
+    calls = []
+
+    def fake(self, iteration):
+        calls.append(iteration)
+        ok = passes_from_call is not None and len(calls) > passes_from_call
+        return {"iteration": iteration, "ratio": 2.0 if ok else 1.1, "d_target": 1.0, "d_empty": 1.0,
+                "rate": None, "passed": ok}
+    monkeypatch.setattr(check_mod.ErasureCheck, "__call__", fake)
+    return calls
+
+
+RESTARTS = ["--check_every", "2", "--check_max_iterations", "4", "--check_restarts", "2"]
+
+
+def test_a_restart_trains_a_fresh_adapter_from_the_next_seed(ckpt, tmp_path, monkeypatch, capsys):
+    """Not passed at the cap (4): the adapter is dropped and attempt 1 starts over from seed 42 + 1000; it passes at
+    its planned end, and the file is bit for bit the adapter a fresh run with --seed 1042 trains."""
+    calls = _fake_check_from_call(monkeypatch, passes_from_call=2)
+    out = tmp_path / "restarted"
+    code, err = train_main(args(ckpt, out, *RESTARTS, iterations=4), capsys)
+    assert code == 0 and calls == [2, 4, 2, 4]
+    cfg, (tensors, meta) = _record(out)
+    assert cfg["attempt"] == 1 and cfg["attempt_seed"] == 1042 and cfg["iterations_done"] == 4
+    [dropped] = cfg["restarts"]
+    assert dropped["seed"] == 42 and dropped["iterations_done"] == 4 and dropped["ratio"] == 1.1
+    assert [h["iteration"] for h in dropped["history"]] == [2, 4]
+    assert cfg["erasure_check"]["passed"] is True
+    assert [h["iteration"] for h in cfg["erasure_check"]["history"]] == [2, 4]
+    assert meta["restarts"] == "1" and meta["attempt_seed"] == "1042" and meta["erasure_check"] == "passed"
+    _fake_check_from_call(monkeypatch, passes_from_call=0)
+    fresh = tmp_path / "fresh"
+    assert train_main(args(ckpt, fresh, "--seed", "1042", "--check_every", "2", iterations=4))[0] == 0
+    again = read_adapter(run_dir(fresh) / "models" / "lora.safetensors")[0]
+    assert set(tensors) == set(again) and all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+
+def test_restarts_stop_at_their_number_and_keep_the_last_attempt(ckpt, tmp_path, monkeypatch, capsys):
+    calls = _fake_check_from_call(monkeypatch, passes_from_call=None)
+    out = tmp_path / "never"
+    code, err = train_main(args(ckpt, out, *RESTARTS[:-1], "1", iterations=4), capsys)
+    assert code == 0 and calls == [2, 4, 2, 4]
+    cfg, (_, meta) = _record(out)
+    assert [a["seed"] for a in cfg["restarts"]] == [42] and cfg["attempt_seed"] == 1042
+    assert cfg["erasure_check"]["passed"] is False and meta["erasure_check"] == "failed"
+    assert "erasure check did not pass by iteration 4" in err
+
+
+def test_a_run_interrupted_in_a_later_attempt_resumes_exactly(ckpt, tmp_path, monkeypatch, capsys):
+    whole = tmp_path / "whole"
+    _fake_check_from_call(monkeypatch, passes_from_call=2)
+    assert train_main(args(ckpt, whole, *RESTARTS, iterations=4))[0] == 0
+    cut = tmp_path / "cut"
+    calls = _fake_check_from_call(monkeypatch, passes_from_call=2)
+    _interrupt_at(monkeypatch, 6)  # attempt 0 made loss calls 0-3; call 6 is attempt 1's third iteration
+    code, _ = train_main(args(ckpt, cut, *RESTARTS, iterations=4), capsys)
+    assert code == 130 and calls == [2, 4, 2]
+    monkeypatch.setattr(UnGuideObjective, "loss", REAL_LOSS)
+    assert train_main(args(ckpt, cut, *RESTARTS, "--resume", iterations=4))[0] == 0
+    assert calls == [2, 4, 2, 4]
+    (a, _), (b, meta) = [read_adapter(run_dir(o) / "models" / "lora.safetensors") for o in (whole, cut)]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a) and meta["attempt_seed"] == "1042"
+    cfg, _ = _record(cut)
+    assert [r["seed"] for r in cfg["restarts"]] == [42]
+    assert [h["iteration"] for h in cfg["erasure_check"]["history"]] == [2, 4]

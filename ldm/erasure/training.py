@@ -11,7 +11,9 @@ file. The loop owns the rest:
     TrainingRun        resume (state.pt, refused when the settings' fingerprint differs), snapshots every
                        save_every iterations, train_config.json, losses.csv / losses.png, the final file;
                        with an ErasureCheck (ldm/erasure/check.py): checks every `every` iterations and at the
-                       planned end, and trains on until the check passes or max_iterations
+                       planned end, and trains on until the check passes or max_iterations; with restarts,
+                       an adapter that has not passed by then is dropped and the run starts over from a fresh
+                       one (attempt k: seed + RESTART_SEED_STRIDE * k), keeping the first that passes (or the last)
 
 Exit codes: 0 done, 1 loss became NaN/inf (last good file kept), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
@@ -36,6 +38,7 @@ from ldm.errors import UserError
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+RESTART_SEED_STRIDE = 1000  # attempt k of a run with seed s draws from seed s + 1000 k: apart from a sweep's seeds
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -276,25 +279,37 @@ class TrainingRun:
 
     def __init__(self, settings: TrainSettings, method: Method, generator: torch.Generator, files: RunFiles,
                  device: torch.device, autocast_dtype=None, check=None,
-                 calibrate: Callable[[], dict] | None = None):
+                 calibrate: Callable[[], dict] | None = None,
+                 restart: Callable[[int], tuple[Method, torch.Generator]] | None = None, restarts: int = 0):
         self.settings, self.method, self.files, self.device = settings, method, files, device
+        self.autocast_dtype = autocast_dtype
         self.trainer = Trainer(method, settings.lr, generator, autocast_dtype)
         self.start = 0
         self.record = settings.config_record()
         self.check = check  # an ldm.erasure.check.ErasureCheck, or None
-        self.checks: list[dict] = []  # its results, in order
+        self.checks: list[dict] = []  # its results, in order (this attempt's)
         self.calibrate = calibrate  # () -> the finished adapter's calibration record (ldm.erasure.calibration.measure)
         self.calibration: dict | None = None
+        if restarts and (check is None or restart is None):
+            raise ValueError("restarts need an erasure check and a restart(attempt) -> (method, generator)")
+        self.restart, self.restarts = restart, int(restarts)  # restart(k): attempt k's fresh method and generator
+        self.attempt = 0
+        self.attempts: list[dict] = []  # the dropped attempts' records (seed, iterations, their checks)
 
     def run(self) -> int:
         """Train; returns the exit code (0, EXIT_DIVERGED, EXIT_INTERRUPTED or EXIT_TERMINATED)."""
         s, t = self.settings, self.trainer
         if s.resume:
-            t.load_state_dict(read_state(self.files.state, s.fingerprint(), self.method.tensors,
-                                                 s.legacy_values()))
+            state = read_state(self.files.state, s.fingerprint(), self.method.tensors, s.legacy_values())
+            self.attempts = self._earlier_attempts(int(state.get("attempt", 0)))
+            if self.attempts:  # the checkpoint is of a later attempt: its fresh adapter first, then the state
+                self._start_attempt(len(self.attempts))
+                t = self.trainer
+            t.load_state_dict(state)
             self.start = t.done
             self.checks = self._earlier_checks()
-            print(f"resumed from {self.files.state} at iteration {self.start}/{s.iterations}")
+            print(f"resumed from {self.files.state} at iteration {self.start}/{s.iterations}"
+                  + (f" (attempt {self.attempt}, seed {self.attempt_seed})" if self.attempt else ""))
         self.record["iterations_done"] = self.start
         (self.files.run_dir / "models").mkdir(parents=True, exist_ok=True)
         write_json(self.files.config, self.record)
@@ -314,6 +329,7 @@ class TrainingRun:
         s, t = self.settings, self.trainer
         goal = max(s.iterations, t.done)
         while True:
+            t = self.trainer  # a restart replaces it
             while t.done < goal:
                 i = t.done
                 value, plan = t.step()
@@ -327,11 +343,58 @@ class TrainingRun:
                     self._check()
                 if t.done % s.save_every == 0 and t.done < goal:
                     self._save_state()
-            if self.check is None or self._check()["passed"] or t.done >= self.check.s.max_iterations:
+            if self.check is None or self._check()["passed"]:
                 return None
+            if t.done >= self.check.s.max_iterations:
+                if self.attempt >= self.restarts:
+                    return None
+                self._drop_attempt()  # not erased by the cap: start over from a fresh adapter
+                goal = s.iterations
+                bar.reset(total=goal)
+                continue
             goal = min(t.done + self.check.s.every, self.check.s.max_iterations)  # not erased yet: train on
             bar.total = goal
             bar.refresh()
+
+    @property
+    def attempt_seed(self) -> int:
+        return self.settings.seed + RESTART_SEED_STRIDE * self.attempt
+
+    def _start_attempt(self, k: int) -> None:
+        """Attempt k: a fresh method and generator from restart(k), a fresh optimiser (same stop signals)."""
+        signals = self.trainer.signals
+        self.attempt = k
+        self.method, generator = self.restart(k)
+        self.trainer = Trainer(self.method, self.settings.lr, generator, self.autocast_dtype)
+        self.trainer.signals = signals
+
+    def _drop_attempt(self) -> None:
+        """The check has not passed at the cap: record this attempt, then start the next (state.pt follows)."""
+        t, last = self.trainer, self.checks[-1]
+        self.attempts.append({"attempt": self.attempt, "seed": self.attempt_seed, "iterations_done": t.done,
+                              "train_seconds": t.train_seconds, "ratio": last["ratio"], "rate": last["rate"],
+                              "kept": last.get("kept"), "history": self.checks})
+        print(f"erasure check not passed by iteration {t.done} (attempt {self.attempt}, seed {self.attempt_seed}): "
+              f"starting over from a fresh adapter ({self.attempt + 1} of {self.restarts} restarts, seed "
+              f"{self.attempt_seed + RESTART_SEED_STRIDE})", flush=True)
+        self._start_attempt(self.attempt + 1)
+        self.checks = []
+        self.record["restarts"] = self.attempts
+        write_json(self.files.config, self.record)  # the dropped attempts survive a kill before the next save
+        self._save_state()
+
+    def _earlier_attempts(self, attempt: int) -> list[dict]:
+        """The records of the attempts before `attempt` (train_config.json of the sessions before a resume)."""
+        if attempt == 0:
+            return []
+        try:
+            old = json.loads(self.files.config.read_text(encoding="utf-8")).get("restarts") or []
+        except (OSError, ValueError):
+            old = []
+        if len(old) < attempt:
+            raise UserError(f"{self.files.state}: a checkpoint of attempt {attempt} but {self.files.config} records "
+                            f"{len(old)} dropped attempts; delete {self.files.run_dir} to train again")
+        return old[:attempt]
 
     def _earlier_checks(self) -> list[dict]:
         """The erasure check's results of the sessions before a resume (train_config.json), up to the iteration
@@ -366,7 +429,10 @@ class TrainingRun:
                 "history": self.checks}
 
     def _save_state(self) -> None:
-        atomic_torch_save(self.trainer.state_dict(self.settings.fingerprint()), self.files.state)
+        state = self.trainer.state_dict(self.settings.fingerprint())
+        if self.attempt:
+            state["attempt"] = self.attempt
+        atomic_torch_save(state, self.files.state)
 
     def _finish(self, status: str, path: Path, done: int) -> None:
         """Write the method's file (status in its metadata) and train_config.json (and the losses if asked)."""
@@ -376,6 +442,8 @@ class TrainingRun:
         check = self._check_record()
         if check is not None:
             extra["erasure_check"] = "passed" if check["passed"] else "failed"
+        if self.attempt:
+            extra["restarts"], extra["attempt_seed"] = str(self.attempt), str(self.attempt_seed)
         if self.calibration is not None and status == "complete":
             extra["calibration"] = json.dumps(self.calibration, sort_keys=True)  # the adapter carries its threshold
         self.method.save(path, extra)
@@ -391,6 +459,8 @@ class TrainingRun:
         })
         if check is not None:
             self.record["erasure_check"] = check
+        if self.restarts or self.attempts:
+            self.record.update({"restarts": self.attempts, "attempt": self.attempt, "attempt_seed": self.attempt_seed})
         if self.calibration is not None and status == "complete":
             self.record["calibration"] = self.calibration
         summary = getattr(self.method.objective, "summary", None)  # e.g. the adversarial term's last attack
@@ -446,5 +516,6 @@ class TrainingRun:
                      f"{check['settings']['max_rate']:.0%}")
                   + ("" if check.get("kept") is None else f"; preserved prompts kept {check['kept']:.0%}, needs >= "
                      f"{check['settings']['min_kept']:.0%}") + "): this adapter may not erase or may damage what it "
-                  "preserves; try another --seed, a higher --lr or more --iterations", file=sys.stderr)
+                  "preserves; try --check_restarts N, another --seed, a higher --lr or more --iterations",
+                  file=sys.stderr)
         return 0

@@ -85,6 +85,9 @@ def add_toy_args(p) -> None:
     p.add_argument("--train_check_max_rate", type=float, default=s["check_max_rate"], help="train.py --check_max_rate")
     p.add_argument("--train_check_max_iterations", type=int, default=s["check_max_iterations"],
                    help="train.py --check_max_iterations")
+    p.add_argument("--train_check_restarts", type=int, default=0,
+                   help="train.py --check_restarts: an adapter not passed by the cap is dropped for a fresh one "
+                        "(seed + 1000 k), up to this many times (0: the sweep's setting)")
     p.add_argument("--train_check_min_kept", type=float, default=0.0,
                    help="train.py --check_min_kept: every preserved digit's adapter-alone share at least this "
                         "(0: not checked, the sweep's setting)")
@@ -128,6 +131,8 @@ def train_argv(args, prompts_json: Path, output_dir: Path, seed: int) -> tuple[l
                  "--check_max_iterations", str(args.train_check_max_iterations), "--check_t_enc", str(args.t_enc)]
         if getattr(args, "train_check_min_kept", 0) > 0:  # only when asked: the sweep's run names stay as they were
             argv += ["--check_min_kept", str(args.train_check_min_kept)]
+        if getattr(args, "train_check_restarts", 0) > 0:  # the same
+            argv += ["--check_restarts", str(args.train_check_restarts)]
     if getattr(args, "train_erase_synonyms", False):  # only when asked, as the two below
         argv += ["--erase_synonyms"]
     if getattr(args, "train_adv_every", 0) > 0:  # the same: only when asked

@@ -104,11 +104,12 @@ SHARED = ("samples", "steps", "t_enc", "repeats", "iterations", "lr", "negative_
           "target_modules", "start_guidance", "preserve_weight", "train_check_every", "train_check_min_ratio",
           "train_check_max_rate", "train_check_max_iterations", "train_check_min_kept", "other_wordings",
           "preserve_templates", "train_adv_every", "train_adv_tokens", "train_adv_steps", "train_adv_weight",
-          "train_adv_decision_weight", "train_erase_synonyms", "preserve_extra")
+          "train_adv_decision_weight", "train_erase_synonyms", "preserve_extra", "train_check_restarts")
 # settings older results.json files lack: the value they ran with
 ADDED_LATER = {"train_check_min_kept": 0.0, "preserve_templates": ["a handwritten {n}"], "train_adv_every": 0,
                "train_adv_tokens": 3, "train_adv_steps": 5, "train_adv_weight": 1.0,
-               "train_adv_decision_weight": 0.0, "train_erase_synonyms": False, "preserve_extra": []}
+               "train_adv_decision_weight": 0.0, "train_erase_synonyms": False, "preserve_extra": [],
+               "train_check_restarts": 0}
 
 
 def collect(paths: list[str], out: Path) -> str:
@@ -218,7 +219,8 @@ def training_summary(lora: Path) -> dict:
     return {"iterations": cfg.get("iterations_done"), "train_seconds_recorded": (cfg.get("seconds_per_iteration") or 0)
             * (cfg.get("iterations_done") or 0), "peak_memory_gib": cfg.get("peak_memory_gib"),
             "check_passed": check.get("passed"), "check_ratio": check.get("ratio"), "check_rate": check.get("rate"),
-            "check_kept": check.get("kept")}
+            "check_kept": check.get("kept"), "restarts": len(cfg.get("restarts") or []),
+            "attempt_seed": cfg.get("attempt_seed")}
 
 
 def prompt_groups(data: dict, other_wordings: int = len(OTHER_HELDOUT_TEMPLATES)) -> dict[str, list[str]]:
@@ -443,6 +445,8 @@ def report(results: dict, args) -> str:
         rate = "-" if t.get("check_rate") is None else f"{t['check_rate']:.0%}"
         ratio = "-" if t.get("check_ratio") is None else f"{t['check_ratio']:.2f}"
         check = {True: "passed", False: "failed"}.get(t.get("check_passed"), "-")
+        if t.get("restarts"):  # train.py --check_restarts: the adapter kept is a later attempt's
+            check += f" (restart {t['restarts']}: seed {t['attempt_seed']})"
         k = ("-" if t.get("check_kept") is None else f"{t['check_kept']:.0%}") + " | " if kept else ""
         lines.append(f"| {t['digit']} | {t['train_seed']} | {t['iterations']} | {check} | {ratio} | {rate} | {k}"
                      f"{t['seconds']:.0f} |")
